@@ -1,0 +1,170 @@
+"""Device buffers shared between ranks through IPC memory handles.
+
+Raw allocations, not CuPy's pool: an IPC handle covers a whole allocation, and the pool would hand
+out pieces of a larger one. Each rank owns
+  - a staging buffer (two halves chosen by epoch parity), ordinary device memory;
+  - a signal buffer (LL receive area + barrier flags): on ROCm fine-grained, uncached memory so
+    peers' flag stores are seen by polling loads; on CUDA ordinary device memory;
+  - a private state block (epoch, finished-block counter, error word), never shared;
+  - one mapped, pinned host word mirroring the error word, which the host reads without
+    synchronising the device.
+Peers' staging and signal buffers are opened once and closed by :meth:`SharedBuffers.close`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Any
+
+from . import _protocol
+from .errors import DetarError, RendezvousError
+
+_CUDA_IPC_LAZY_ENABLE_PEER_ACCESS = 1
+_HOST_ALLOC_PORTABLE_MAPPED = 0x1 | 0x2
+_HIP_DEVICE_MALLOC_FINEGRAINED = 0x1
+_HIP_DEVICE_MALLOC_UNCACHED = 0x3
+
+
+def _hip_fine_grained_malloc(size: int) -> int:
+    """hipExtMallocWithFlags through ctypes (CuPy has no binding): uncached where the runtime
+    knows the flag (ROCm >= 5.7), else fine-grained (ROCm 5.0)."""
+    for name in ("libamdhip64.so", "libamdhip64.so.6", "libamdhip64.so.5"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        raise DetarError("cannot load libamdhip64 for fine-grained signal memory")
+    fn = lib.hipExtMallocWithFlags
+    fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    ptr = ctypes.c_void_p()
+    for flag in (_HIP_DEVICE_MALLOC_UNCACHED, _HIP_DEVICE_MALLOC_FINEGRAINED):
+        if fn(ctypes.byref(ptr), size, flag) == 0:
+            return int(ptr.value)
+    raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of signal memory")
+
+
+class SharedBuffers:
+    """This rank's buffers and its mappings of every peer's; fills a :class:`_protocol.Ctx`."""
+
+    def __init__(self, rendezvous: Any, device: int, stage_half_bytes: int, ll_bytes: int) -> None:
+        import cupy
+        from cupy.cuda import runtime
+
+        self._runtime = runtime
+        self.rank = rendezvous.rank
+        self.world_size = n = rendezvous.world_size
+        self._own: list[int] = []  # device allocations to free
+        self._opened: list[int] = []  # peer mappings to close
+        self._host_word = 0
+        try:
+            is_hip = bool(runtime.is_hip)
+            self.stage = self._alloc(2 * stage_half_bytes)
+            sig_bytes = _protocol.signal_bytes(n, ll_bytes)
+            if is_hip:
+                self.signal = _hip_fine_grained_malloc(sig_bytes)
+                self._own.append(self.signal)
+            else:
+                self.signal = self._alloc(sig_bytes)
+            runtime.memset(self.signal, 0, sig_bytes)
+            self.state = self._alloc(_protocol.STATE_BYTES)
+            runtime.memset(self.state, 0, _protocol.STATE_BYTES)
+            self._host_word = runtime.hostAlloc(4, _HOST_ALLOC_PORTABLE_MAPPED)
+            self.error_word = ctypes.c_uint32.from_address(self._host_word)
+            self.error_word.value = 0
+            runtime.deviceSynchronize()
+
+            bus_id = runtime.deviceGetPCIBusId(device)
+            mine = (bus_id, bytes(runtime.ipcGetMemHandle(self.stage)),
+                    bytes(runtime.ipcGetMemHandle(self.signal)))
+            everyone = rendezvous.exchange(mine)
+            self._check_devices(device, [e[0] for e in everyone])
+            self.stages, self.signals = [], []
+            for r, (_, stage_h, signal_h) in enumerate(everyone):
+                if r == self.rank:
+                    self.stages.append(self.stage)
+                    self.signals.append(self.signal)
+                else:
+                    self.stages.append(self._open(stage_h, r))
+                    self.signals.append(self._open(signal_h, r))
+            cupy.cuda.runtime.deviceSynchronize()
+        except BaseException:
+            self.close()
+            raise
+        self.ll_src_lines = _protocol.ll_src_lines(ll_bytes)
+        self.stage_half_bytes = stage_half_bytes
+
+    def _alloc(self, size: int) -> int:
+        ptr = self._runtime.malloc(size)
+        self._own.append(ptr)
+        return ptr
+
+    def _open(self, handle: bytes, peer: int) -> int:
+        try:
+            ptr = self._runtime.ipcOpenMemHandle(handle, _CUDA_IPC_LAZY_ENABLE_PEER_ACCESS)
+        except Exception as exc:  # CUDARuntimeError; its type differs between CuPy builds
+            raise RendezvousError(
+                f"rank {self.rank}: cannot map rank {peer}'s buffer ({exc}); the two GPUs may not "
+                "be able to reach each other (P2P), or the ranks run on different hosts") from exc
+        self._opened.append(ptr)
+        return ptr
+
+    def _check_devices(self, device: int, bus_ids: list[str]) -> None:
+        """Duplicate GPUs across ranks and GPUs that cannot reach each other fail here, clearly."""
+        seen: dict[str, int] = {}
+        for r, bus in enumerate(bus_ids):
+            if bus in seen:
+                raise RendezvousError(
+                    f"ranks {seen[bus]} and {r} use the same GPU (PCI {bus}); one GPU per rank")
+            seen[bus] = r
+        rt = self._runtime
+        for r, bus in enumerate(bus_ids):
+            if r == self.rank:
+                continue
+            try:
+                peer_dev = rt.deviceGetByPCIBusId(bus)
+            except Exception:
+                continue  # not visible in this process: ipcOpenMemHandle decides
+            if not rt.deviceCanAccessPeer(device, peer_dev):
+                raise RendezvousError(
+                    f"rank {self.rank} (GPU {device}) cannot access rank {r}'s GPU (PCI {bus}) "
+                    "peer to peer; detar_cupy needs P2P (NVLink/xGMI or PCIe P2P) between all GPUs")
+
+    def fill(self, ctx: _protocol.Ctx) -> None:
+        """Write every pointer and size of this communicator into ``ctx``."""
+        n, lines = self.world_size, self.ll_src_lines
+        ll_bytes = 2 * n * lines * _protocol.LINE_BYTES
+        for r in range(n):
+            ctx.stage[r] = self.stages[r]
+            ctx.ll[r] = self.signals[r]
+            ctx.start_flags[r] = self.signals[r] + ll_bytes
+            ctx.mid_flags[r] = self.signals[r] + ll_bytes + _protocol.START_FLAG_BYTES
+        ctx.state = self.state
+        ctx.host_error = self._host_word
+        ctx.stage_half_packs = self.stage_half_bytes // 16
+        ctx.ll_src_lines = lines
+        ctx.rank = self.rank
+
+    def close(self) -> None:
+        """Unmap peers' buffers and free ours. Idempotent."""
+        rt = self._runtime
+        for ptr in self._opened:
+            try:
+                rt.ipcCloseMemHandle(ptr)
+            except Exception:
+                pass  # a dead context at interpreter exit: nothing left to release
+        self._opened = []
+        for ptr in self._own:
+            try:
+                rt.free(ptr)
+            except Exception:
+                pass
+        self._own = []
+        if self._host_word:
+            try:
+                rt.freeHost(self._host_word)
+            except Exception:
+                pass
+            self._host_word = 0

@@ -1,0 +1,142 @@
+"""Kernel renderer: the only path from `hip_src/` to a compiled `cupy.RawModule`.
+
+A module holds every kernel of one ``(dtype, world size)``: all the dtype's ops times the reducing
+algorithms. A user's first call with a new dtype compiles one such module (CuPy then keeps it in
+its disk cache); grouping by dtype keeps that first compile short while the CI compile matrix can
+still batch many keys into one translation unit with :func:`render`.
+
+The dtype-agnostic kernels (all-gather, broadcast) live in modules with ``dtype=None``, one
+instantiation per element size so misaligned buffers still move whole elements.
+
+Kernels are ``extern "C"`` with generated names instead of ``name_expressions``: CuPy 13.3 skips its
+disk cache whenever ``name_expressions`` are used.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Sequence
+
+from .dtypes import DTYPES
+
+MAX_WORLD = 8  # MAX_N in collectives.hip
+MAX_BLOCKS = 128  # MAX_BLOCKS in collectives.hip
+THREADS = 512  # __launch_bounds__ of every kernel
+
+#: Reducing algorithms and the device entry each one instantiates.
+REDUCING = ("ll", "one_shot", "two_shot", "reduce_scatter")
+#: Data-moving kernels and the element sizes they are instantiated for.
+MOVING = ("all_gather", "broadcast")
+MOVING_SIZES = {1: "u8_t", 2: "u16_t", 4: "u32_t", 8: "u64_t", 16: "cdouble_t"}
+
+_OP_FUNCTOR = {"sum": "OpSum", "prod": "OpProd", "min": "OpMin", "max": "OpMax", "avg": "OpAvg"}
+_MODE = {"one_shot": "ONE_SHOT", "two_shot": "TWO_SHOT", "reduce_scatter": "REDUCE_SCATTER",
+         "all_gather": "ALL_GATHER", "broadcast": "BROADCAST"}
+_SOURCES = ("portability.h", "arith.h", "collectives.hip")
+_WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECTOR"}
+
+_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Ctx c, const void* in, '
+          "void* out, u64_t count, u64_t aux, u32_t sig) {{\n  {call};\n}}\n")
+
+
+@dataclass(frozen=True)
+class ModuleKey:
+    """One compiled module: a dtype name (None for the data-moving kernels) and a world size."""
+
+    dtype: str | None
+    world_size: int
+
+
+def reducing_name(dtype: str, op: str, world_size: int, algorithm: str) -> str:
+    """extern "C" name of a reducing kernel."""
+    return f"detar_{dtype}_{op}_n{world_size}_{algorithm}"
+
+
+def moving_name(itemsize: int, world_size: int, kind: str) -> str:
+    """extern "C" name of a data-moving kernel for elements of ``itemsize`` bytes."""
+    return f"detar_copy{itemsize}_n{world_size}_{kind}"
+
+
+def _entries(key: ModuleKey):
+    """(name, device call) for every kernel of ``key``."""
+    n = key.world_size
+    args = "c, (const char*)in, (char*)out, count"
+    if key.dtype is None:
+        for size, ctype in MOVING_SIZES.items():
+            for kind in MOVING:
+                yield (moving_name(size, n, kind),
+                       f"collective<{ctype}, OpSum, {n}, {_MODE[kind]}>({args}, aux, sig)")
+        return
+    dt = DTYPES[key.dtype]
+    for op in dt.ops:
+        functor = _OP_FUNCTOR[op]
+        for alg in REDUCING:
+            call = (f"ll_all_reduce<{dt.ctype}, {functor}, {n}>({args}, sig)" if alg == "ll" else
+                    f"collective<{dt.ctype}, {functor}, {n}, {_MODE[alg]}>({args}, aux, sig)")
+            yield reducing_name(key.dtype, op, n, alg), call
+
+
+def kernel_names(key: ModuleKey) -> tuple[str, ...]:
+    """The extern "C" kernel names in the module of ``key``."""
+    return tuple(name for name, _ in _entries(key))
+
+
+def module_keys() -> list[ModuleKey]:
+    """Every module the library can render: all dtypes and world sizes, plus data movers."""
+    return [ModuleKey(d, n) for n in range(1, MAX_WORLD + 1) for d in (*DTYPES, None)]
+
+
+@functools.lru_cache(maxsize=None)
+def _library_source() -> str:
+    pkg = resources.files("detar_cupy.hip_src")
+    return "\n".join(pkg.joinpath(name).read_text() for name in _SOURCES)
+
+
+def render(keys: Sequence[ModuleKey], *, weaken: str | None = None) -> str:
+    """One translation unit with the kernels of all ``keys``.
+
+    ``weaken`` renders a deliberately wrong variant for the static ISA tests only:
+    ``"flag_scope"`` (barrier flags at block scope) or ``"vector"`` (scalar data loads).
+    """
+    head = ""
+    if weaken is not None:
+        if weaken not in _WEAKEN:
+            raise ValueError(f"unknown weaken {weaken!r}; one of {sorted(_WEAKEN)}")
+        head = f"#define {_WEAKEN[weaken]} 1\n"
+    body = "".join(_ENTRY.format(threads=THREADS, name=name, call=call)
+                   for key in keys for name, call in _entries(key))
+    return head + _library_source() + "\n" + body
+
+
+def compile_options(platform: str) -> tuple[str, ...]:
+    """Our compile options; CuPy appends its own (language standard, flush-to-zero).
+
+    Contraction into FMA is off: the contract rounds every operation separately.
+    """
+    if platform == "cuda":
+        return ("--fmad=false",)
+    if platform == "hip":
+        return ("-ffp-contract=off",)
+    raise ValueError(f"unknown platform {platform!r}; 'cuda' or 'hip'")
+
+
+def platform() -> str:
+    """'hip' on a ROCm build of CuPy, else 'cuda'."""
+    import cupy
+
+    return "hip" if cupy.cuda.runtime.is_hip else "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(key: ModuleKey) -> Any:
+    import cupy
+
+    return cupy.RawModule(code=render([key]), options=compile_options(platform()))
+
+
+@functools.lru_cache(maxsize=None)
+def function(key: ModuleKey, name: str) -> Any:
+    """The loaded ``cupy.cuda.Function`` ``name`` of ``key`` (compiled once per process and key);
+    its ``ptr`` is the driver handle the lean launcher takes."""
+    return _module(key).get_function(name).kernel

@@ -1,0 +1,143 @@
+"""Launch plans: which kernel, how many blocks, and how a call larger than the buffers is cut into
+chunks. Pure Python (no GPU), computed once per (collective, dtype, op, count, algorithm) and cached
+by the communicator, so the hot path only replays a tuple of launches.
+
+Chunking never changes bits: element i is always folded over ranks 0..N-1 in order, whichever
+launch it falls in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _kernels
+from ._kernels import ModuleKey
+from ._protocol import call_signature
+from .dtypes import DTYPES, OP_CODES
+
+ALGORITHMS = ("auto", "ll", "one_shot", "two_shot")
+LL_THREADS = 256
+THREADS = _kernels.THREADS
+
+# Largest message (bytes) for which `auto` picks ll, then one_shot; two_shot above. Measured on
+# H100 NVLink (bench/NOTES.md); world sizes not listed use the nearest smaller one.
+AUTO_THRESHOLDS = {
+    2: (64 << 10, 1 << 20),
+    3: (64 << 10, 512 << 10),
+    4: (64 << 10, 512 << 10),
+    8: (32 << 10, 256 << 10),
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a plan depends on besides the call: buffer sizes and the grid cap."""
+
+    world_size: int
+    stage_half_bytes: int
+    ll_bytes: int
+    max_grid: int  # co-resident blocks: at most the SM count and MAX_BLOCKS
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a plan; offsets are in bytes from the call's in/out pointers."""
+
+    module: ModuleKey
+    kernel: str
+    grid: int
+    block: int
+    in_offset: int
+    out_offset: int
+    count: int
+    aux: int
+    sig: int
+
+
+def choose_algorithm(nbytes: int, world_size: int) -> str:
+    """The algorithm `auto` uses for a message of ``nbytes`` bytes per rank."""
+    if world_size == 1:
+        return "one_shot"
+    key = max(n for n in AUTO_THRESHOLDS if n <= world_size)
+    ll_max, one_shot_max = AUTO_THRESHOLDS[key]
+    if nbytes <= ll_max:
+        return "ll"
+    return "one_shot" if nbytes <= one_shot_max else "two_shot"
+
+
+def _grid(packs: int, block: int, geom: Geometry) -> int:
+    return max(1, min(geom.max_grid, -(-packs // block)))
+
+
+def _chunks(total: int, cap: int):
+    """(start, length) pieces of at most ``cap`` elements; one empty piece for total == 0, so a
+    zero-size call still meets its peers (and their mismatch check)."""
+    if total == 0:
+        yield 0, 0
+        return
+    for start in range(0, total, cap):
+        yield start, min(cap, total - start)
+
+
+def all_reduce(geom: Geometry, dtype: str, op: str, count: int, algorithm: str) -> tuple[Launch, ...]:
+    """Launches for an all-reduce of ``count`` elements per rank."""
+    dt = DTYPES[dtype]
+    n = geom.world_size
+    k = 16 // dt.itemsize  # elements per 16-byte pack
+    if algorithm == "auto":
+        algorithm = choose_algorithm(count * dt.itemsize, n)
+    if n == 1:
+        algorithm = "one_shot"  # a copy (with the contract's conversions); no peer to push to
+    half_packs = geom.stage_half_bytes // 16
+    if algorithm == "ll":
+        cap, block = (geom.ll_bytes // 16) * k, LL_THREADS
+    elif algorithm == "one_shot":
+        cap, block = half_packs * k, THREADS
+    elif algorithm == "two_shot":
+        cap, block = (half_packs // n) * n * k, THREADS
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
+    key = ModuleKey(dtype, n)
+    name = _kernels.reducing_name(dtype, op, n, algorithm)
+    out = []
+    for start, length in _chunks(count, cap):
+        packs = -(-length // k)
+        if algorithm == "two_shot":
+            packs = -(-packs // n)
+        sig = call_signature(algorithm, dt.code, OP_CODES[op], length, 0)
+        off = start * dt.itemsize
+        out.append(Launch(key, name, _grid(packs, block, geom), block, off, off, length, 0, sig))
+    return tuple(out)
+
+
+def reduce_scatter(geom: Geometry, dtype: str, op: str, count: int) -> tuple[Launch, ...]:
+    """Launches for a reduce-scatter: each rank's input holds N slices of ``count`` elements."""
+    dt = DTYPES[dtype]
+    n, k = geom.world_size, 16 // dt.itemsize
+    cap = (geom.stage_half_bytes // 16 // n) * k
+    key = ModuleKey(dtype, n)
+    name = _kernels.reducing_name(dtype, op, n, "reduce_scatter")
+    out = []
+    for start, length in _chunks(count, cap):
+        sig = call_signature("reduce_scatter", dt.code, OP_CODES[op], length, count)
+        off = start * dt.itemsize
+        out.append(Launch(key, name, _grid(-(-length // k), THREADS, geom), THREADS, off, off,
+                          length, count, sig))
+    return tuple(out)
+
+
+def moving(geom: Geometry, kind: str, itemsize: int, count: int, root: int = 0) -> tuple[Launch, ...]:
+    """Launches for all_gather (``count`` elements per rank) or broadcast (``count`` elements)."""
+    if itemsize not in _kernels.MOVING_SIZES:
+        raise TypeError(f"element size {itemsize} bytes is not supported by {kind}")
+    n, k = geom.world_size, 16 // itemsize
+    cap = (geom.stage_half_bytes // 16) * k
+    key = ModuleKey(None, n)
+    name = _kernels.moving_name(itemsize, n, kind)
+    out = []
+    for start, length in _chunks(count, cap):
+        aux = count if kind == "all_gather" else root
+        sig = call_signature(kind, itemsize, 0, length, aux)
+        off = start * itemsize
+        out.append(Launch(key, name, _grid(-(-length // k), THREADS, geom), THREADS, off, off,
+                          length, aux, sig))
+    return tuple(out)

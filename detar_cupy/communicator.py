@@ -1,0 +1,300 @@
+"""The Communicator: argument checks, plans, launches, sticky device errors."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import _kernels, _plan
+from ._ipc import SharedBuffers
+from ._launch import Launcher
+from ._protocol import Ctx, decode_error
+from .dtypes import DTYPES, dtype_name, lookup
+from .errors import (CommunicatorClosedError, CupyMissingError, MismatchError)
+
+DEFAULT_STAGING_BYTES = 32 << 20  # per parity half; larger calls are cut into chunks
+DEFAULT_LL_BYTES = 256 << 10  # largest message one LL launch carries
+DEFAULT_TIMEOUT_S = 300.0  # device-side spin bound; a peer slower than this is declared gone
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+class Communicator:
+    """One rank of a group of GPUs that reduce together, bit for bit deterministically.
+
+    Made by :func:`detar_cupy.spawn` or :func:`detar_cupy.init_process_group`, not directly.
+    Every rank must make the same calls, in the same order, with the same counts, dtypes, ops and
+    algorithms (a difference raises :class:`~detar_cupy.MismatchError` on every rank). Calls are
+    asynchronous on the given stream (default: CuPy's current stream), like CuPy kernels; calls
+    on one communicator must be ordered (one stream, or streams the caller synchronises).
+
+    Device-side waits are bounded by :attr:`timeout` (seconds; env ``DETAR_TIMEOUT``, default
+    300): a peer that never arrives makes every waiting rank raise
+    :class:`~detar_cupy.PeerTimeoutError` on its next call or :meth:`check`, instead of hanging.
+    Buffer sizes come from ``DETAR_STAGING_BYTES`` (per half, default 32 MiB) and
+    ``DETAR_LL_BYTES`` (default 256 KiB); every rank must use the same values.
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("create communicators with detar_cupy.spawn() or "
+                        "detar_cupy.init_process_group()")
+
+    @classmethod
+    def _from_rendezvous(cls, rendezvous: Any, device: int) -> "Communicator":
+        try:
+            import cupy
+        except ImportError as exc:
+            raise CupyMissingError(str(exc)) from exc
+        self = object.__new__(cls)
+        self._closed = True  # until fully built, close() has nothing of ours to release
+        self._rdv = rendezvous
+        self.rank = rendezvous.rank
+        self.world_size = rendezvous.world_size
+        if self.world_size > _kernels.MAX_WORLD:
+            raise ValueError(f"world size {self.world_size} exceeds the maximum of "
+                             f"{_kernels.MAX_WORLD}")
+        self.device = cupy.cuda.Device(device)
+        self.device.use()
+        self._cupy = cupy
+        stage = _env_int("DETAR_STAGING_BYTES", DEFAULT_STAGING_BYTES) // 16 * 16
+        ll = _env_int("DETAR_LL_BYTES", DEFAULT_LL_BYTES) // 16 * 16
+        timeout = float(os.environ.get("DETAR_TIMEOUT", DEFAULT_TIMEOUT_S))
+        if stage < 16 * _kernels.MAX_WORLD or ll < 16:
+            raise ValueError("DETAR_STAGING_BYTES and DETAR_LL_BYTES are too small")
+        configs = rendezvous.exchange((stage, ll, cupy.cuda.runtime.is_hip))
+        if any(c != configs[0] for c in configs):
+            raise MismatchError(f"ranks disagree on buffer sizes or platform: {configs}")
+        self._buffers = SharedBuffers(rendezvous, device, stage, ll)
+        self._closed = False
+        self._ctx = Ctx()
+        self._buffers.fill(self._ctx)
+        self._launcher = Launcher(self._ctx)
+        self.timeout = timeout
+        sms = self.device.attributes["MultiProcessorCount"]
+        self._geom = _plan.Geometry(self.world_size, stage, ll, min(_kernels.MAX_BLOCKS, sms))
+        self._plans: dict[tuple, tuple] = {}
+        self._failure: Exception | None = None
+        self._last_call = "no call yet"
+        rendezvous.barrier()
+        return self
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def timeout(self) -> float:
+        """Seconds a device-side wait for a peer may last before PeerTimeoutError."""
+        return self._ctx.timeout_ns / 1e9
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError("timeout must be positive seconds")
+        self._ctx.timeout_ns = int(seconds * 1e9)
+
+    def close(self) -> None:
+        """Release the peers' mappings and this rank's buffers. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.device.synchronize()  # no kernel of ours may still use the buffers
+        finally:
+            self._buffers.close()
+            self._rdv.close()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check(self) -> None:
+        """Raise the communicator's sticky error (peer timeout, mismatch) if one happened.
+
+        Reads a host-mapped word the kernels write: no device synchronisation."""
+        if self._closed:
+            raise CommunicatorClosedError("the communicator is closed")
+        if self._failure is None:
+            word = self._buffers.error_word.value
+            if word == 0:
+                return
+            self._failure = decode_error(word, self.rank, self.timeout, self._last_call)
+        raise self._failure
+
+    def synchronize(self, stream: Any = None) -> None:
+        """Wait for this rank's work on ``stream`` (default: current), then :meth:`check`."""
+        self._stream(stream)  # validates
+        (stream if stream is not None else self._cupy.cuda.get_current_stream()).synchronize()
+        self.check()
+
+    def barrier(self) -> None:
+        """Block until every rank has reached this barrier (a device-side zero-size call)."""
+        self.all_reduce(self._cupy.empty(0, self._cupy.float32), algorithm="one_shot")
+        self.synchronize()
+
+    # ---- argument handling ---------------------------------------------------------------------
+    def _stream(self, stream: Any) -> int:
+        if stream is None:
+            return self._cupy.cuda.get_current_stream().ptr
+        if isinstance(stream, int):
+            return stream
+        ptr = getattr(stream, "ptr", None)
+        if ptr is None:
+            ptr = getattr(stream, "cuda_stream", None)  # torch.cuda.Stream
+        if ptr is None:
+            raise TypeError(f"stream must be a CuPy stream, a torch stream or a handle, not "
+                            f"{type(stream).__name__}")
+        return ptr
+
+    def _array(self, a: Any, dtype: str | None, what: str):
+        """(array, pointer, element count, dtype name) with every check a call needs."""
+        cp = self._cupy
+        if not isinstance(a, cp.ndarray):
+            if hasattr(a, "__cuda_array_interface__"):
+                a = cp.asarray(a)
+            elif hasattr(a, "__dlpack__"):
+                a = cp.from_dlpack(a)
+            else:
+                raise TypeError(f"{what} must be a GPU array (CuPy, or an object with "
+                                f"__cuda_array_interface__ or __dlpack__), not {type(a).__name__}")
+        if a.data.device_id != self.device.id:
+            raise ValueError(f"{what} is on GPU {a.data.device_id} but this rank's communicator "
+                             f"uses GPU {self.device.id}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{what} must be C-contiguous (got strides {a.strides}); pass "
+                             "cupy.ascontiguousarray(x)")
+        if dtype is None:
+            name = dtype_name(a.dtype)
+        else:
+            name = dtype_name(dtype)
+            if DTYPES[name].itemsize != a.itemsize:
+                raise TypeError(f"dtype={name!r} has {DTYPES[name].itemsize}-byte elements but "
+                                f"{what} has {a.itemsize}-byte elements ({a.dtype})")
+        return a, a.data.ptr, a.size, name
+
+    def _output(self, out: Any, size: int, name: str, dtype: str | None):
+        """``out`` after the same checks as an input, plus element count and dtype."""
+        out, _, out_size, out_name = self._array(out, dtype, "out_array")
+        if out_name != name:
+            raise TypeError(f"out_array has dtype {out_name}, expected {name}")
+        if out_size != size:
+            raise ValueError(f"out_array has {out_size} elements, expected {size}")
+        return out
+
+    def _enter(self, desc: str) -> None:
+        if self._closed:
+            raise CommunicatorClosedError(f"{desc}: the communicator is closed")
+        if self._failure is not None or self._buffers.error_word.value:
+            self.check()
+
+    def _run(self, plan: tuple, stream: int, in_ptr: int, out_ptr: int) -> None:
+        launch = self._launcher.launch
+        for f, grid, block, in_off, out_off, count, aux, sig in plan:
+            launch(f, grid, block, stream, in_ptr + in_off, out_ptr + out_off, count, aux, sig)
+
+    def _compile(self, launches: tuple) -> tuple:
+        """Resolve a plan's kernels to driver handles (compiling a module on first use)."""
+        with self.device:
+            return tuple((_kernels.function(l.module, l.kernel).ptr, l.grid, l.block, l.in_offset,
+                          l.out_offset, l.count, l.aux, l.sig) for l in launches)
+
+    @staticmethod
+    def _check_overlap(a_ptr: int, a_bytes: int, b_ptr: int, b_bytes: int) -> None:
+        if a_ptr != b_ptr and a_ptr < b_ptr + b_bytes and b_ptr < a_ptr + a_bytes:
+            raise ValueError("in_array and out_array overlap without being the same buffer; "
+                             "use out_array=in_array for in place, or separate buffers")
+
+    # ---- collectives ---------------------------------------------------------------------------
+    def all_reduce(self, in_array: Any, out_array: Any = None, op: str = "sum", stream: Any = None,
+                   *, algorithm: str = "auto", dtype: str | None = None) -> Any:
+        """Reduce ``in_array`` over all ranks into ``out_array`` (new array if None; may be
+        ``in_array`` itself). Every rank gets the same bits: element i is the left fold over
+        ranks 0..N-1 (see detar_cupy.reference). ``algorithm``: auto, ll, one_shot, two_shot —
+        all give identical bits. ``dtype`` names the element type of a raw buffer (e.g.
+        ``"bfloat16"`` for a uint16/int16 view)."""
+        self._enter("all_reduce")
+        x, in_ptr, count, name = self._array(in_array, dtype, "in_array")
+        key = ("ar", name, op, algorithm, count)
+        plan = self._plans.get(key)
+        if plan is None:
+            lookup(name, op)
+            if algorithm not in _plan.ALGORITHMS:
+                raise ValueError(f"unknown algorithm {algorithm!r}; one of "
+                                 f"{', '.join(_plan.ALGORITHMS)}")
+            plan = self._plans[key] = self._compile(
+                _plan.all_reduce(self._geom, name, op, count, algorithm))
+        out = (self._cupy.empty_like(x) if out_array is None
+               else self._output(out_array, count, name, dtype))
+        out_ptr = out.data.ptr
+        self._check_overlap(in_ptr, count * x.itemsize, out_ptr, count * x.itemsize)
+        self._last_call = f"all_reduce(count={count}, dtype={name}, op={op}, algorithm={algorithm})"
+        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        return out
+
+    def reduce_scatter(self, in_array: Any, out_array: Any = None, count: int | None = None,
+                       op: str = "sum", stream: Any = None, *, dtype: str | None = None) -> Any:
+        """Rank r receives elements [r*count, (r+1)*count) of the all-reduce of the ranks'
+        ``in_array`` (N*count elements each), with the same bits as all_reduce gives them."""
+        self._enter("reduce_scatter")
+        x, in_ptr, total, name = self._array(in_array, dtype, "in_array")
+        n = self.world_size
+        if count is None:
+            if total % n:
+                raise ValueError(f"in_array has {total} elements, not a multiple of the world "
+                                 f"size {n}; pass count")
+            count = total // n
+        if count * n > total:
+            raise ValueError(f"in_array has {total} elements, fewer than count*world_size = "
+                             f"{count * n}")
+        key = ("rs", name, op, count)
+        plan = self._plans.get(key)
+        if plan is None:
+            lookup(name, op)
+            plan = self._plans[key] = self._compile(
+                _plan.reduce_scatter(self._geom, name, op, count))
+        out = (self._cupy.empty(count, dtype=x.dtype) if out_array is None
+               else self._output(out_array, count, name, dtype))
+        out_ptr = out.data.ptr
+        self._check_overlap(in_ptr, total * x.itemsize, out_ptr, count * x.itemsize)
+        self._last_call = f"reduce_scatter(count={count}, dtype={name}, op={op})"
+        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        return out
+
+    def all_gather(self, in_array: Any, out_array: Any = None, count: int | None = None,
+                   stream: Any = None) -> Any:
+        """Every rank receives the concatenation of all ranks' ``in_array`` (``count`` elements
+        each, default in_array.size) in rank order."""
+        self._enter("all_gather")
+        x, in_ptr, size, name = self._array(in_array, None, "in_array")
+        count = size if count is None else count
+        if count > size:
+            raise ValueError(f"count={count} exceeds in_array's {size} elements")
+        total = count * self.world_size
+        key = ("ag", x.itemsize, count)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._compile(
+                _plan.moving(self._geom, "all_gather", x.itemsize, count))
+        out = (self._cupy.empty(total, dtype=x.dtype) if out_array is None
+               else self._output(out_array, total, name, None))
+        out_ptr = out.data.ptr
+        self._check_overlap(in_ptr, count * x.itemsize, out_ptr, total * x.itemsize)
+        self._last_call = f"all_gather(count={count}, itemsize={x.itemsize})"
+        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        return out
+
+    def broadcast(self, in_out_array: Any, root: int = 0, stream: Any = None) -> Any:
+        """Copy rank ``root``'s ``in_out_array`` into every rank's ``in_out_array``."""
+        self._enter("broadcast")
+        if not 0 <= root < self.world_size:
+            raise ValueError(f"root {root} is not a rank of this world of {self.world_size}")
+        x, ptr, count, _ = self._array(in_out_array, None, "in_out_array")
+        key = ("bc", x.itemsize, count, root)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._compile(
+                _plan.moving(self._geom, "broadcast", x.itemsize, count, root))
+        self._last_call = f"broadcast(count={count}, itemsize={x.itemsize}, root={root})"
+        self._run(plan, self._stream(stream), ptr, ptr)
+        return x

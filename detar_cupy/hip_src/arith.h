@@ -1,0 +1,207 @@
+// Element arithmetic of the contract (DESIGN.md §1), identical on every compiler.
+//
+// float32 denormal policy: flush to a zero of the same sign, explicitly, on every value entering a
+// float32 accumulator and on every float32 operation's result. CuPy compiles with flush-to-zero
+// flags anyway; doing it in code as well makes the bits independent of those flags and of
+// whether min/max instructions honour the hardware denormal mode. float64 keeps subnormals.
+
+DEV float ftz(float x) {
+  const u32_t u = f32_bits(x);
+  return (u & 0x7f800000u) ? x : f32_from(u & 0x80000000u);
+}
+
+// Each operation is rounded on its own: reading the result's bits in ftz() keeps the compiler
+// from contracting a*b+c into an FMA, and the compile options turn contraction off for double.
+DEV float add(float a, float b) { return ftz(a + b); }
+DEV float sub(float a, float b) { return ftz(a - b); }
+DEV float mul(float a, float b) { return ftz(a * b); }
+DEV float divn(float a, int n) { return ftz(a / (float)n); }
+DEV double add(double a, double b) { return a + b; }
+DEV double sub(double a, double b) { return a - b; }
+DEV double mul(double a, double b) { return a * b; }
+DEV double divn(double a, int n) { return a / (double)n; }
+
+// min/max: NaN wins (payload unspecified); equal values merge their bits so that
+// min(-0, +0) = -0 and max(-0, +0) = +0 on every backend, whatever its min instruction does.
+DEV float vmin(float a, float b) {
+  if (a != a || b != b) return a + b;
+  return a < b ? a : (b < a ? b : f32_from(f32_bits(a) | f32_bits(b)));
+}
+DEV float vmax(float a, float b) {
+  if (a != a || b != b) return a + b;
+  return a > b ? a : (b > a ? b : f32_from(f32_bits(a) & f32_bits(b)));
+}
+DEV double vmin(double a, double b) {
+  if (a != a || b != b) return a + b;
+  return a < b ? a : (b < a ? b : f64_from(f64_bits(a) | f64_bits(b)));
+}
+DEV double vmax(double a, double b) {
+  if (a != a || b != b) return a + b;
+  return a > b ? a : (b > a ? b : f64_from(f64_bits(a) & f64_bits(b)));
+}
+
+// Complex: componentwise sums; the product as four separately rounded products, one
+// subtraction and one addition, the textbook formula with no fused operations.
+template <class C> DEV C cadd(C a, C b) { C r; r.re = add(a.re, b.re); r.im = add(a.im, b.im); return r; }
+template <class C> DEV C cmul(C a, C b) {
+  C r;
+  r.re = sub(mul(a.re, b.re), mul(a.im, b.im));
+  r.im = add(mul(a.re, b.im), mul(a.im, b.re));
+  return r;
+}
+template <class C> DEV C cdivn(C a, int n) { C r; r.re = divn(a.re, n); r.im = divn(a.im, n); return r; }
+DEV cfloat_t add(cfloat_t a, cfloat_t b) { return cadd(a, b); }
+DEV cfloat_t mul(cfloat_t a, cfloat_t b) { return cmul(a, b); }
+DEV cfloat_t divn(cfloat_t a, int n) { return cdivn(a, n); }
+DEV cdouble_t add(cdouble_t a, cdouble_t b) { return cadd(a, b); }
+DEV cdouble_t mul(cdouble_t a, cdouble_t b) { return cmul(a, b); }
+DEV cdouble_t divn(cdouble_t a, int n) { return cdivn(a, n); }
+
+// Integers wrap around like numpy: the arithmetic is done in an unsigned type (where overflow is
+// defined) at least as wide as int, so small types do not overflow a promoted signed int.
+template <class T> struct Wide { typedef u32_t type; };
+template <> struct Wide<i64_t> { typedef u64_t type; };
+template <> struct Wide<u64_t> { typedef u64_t type; };
+#define DETAR_INT_OPS(T)                                                                       \
+  DEV T add(T a, T b) { typedef Wide<T>::type W; return (T)(W)((W)a + (W)b); }                 \
+  DEV T mul(T a, T b) { typedef Wide<T>::type W; return (T)(W)((W)a * (W)b); }                 \
+  DEV T vmin(T a, T b) { return a < b ? a : b; }                                               \
+  DEV T vmax(T a, T b) { return a > b ? a : b; }
+DETAR_INT_OPS(i8_t)
+DETAR_INT_OPS(i16_t)
+DETAR_INT_OPS(i32_t)
+DETAR_INT_OPS(i64_t)
+DETAR_INT_OPS(u8_t)
+DETAR_INT_OPS(u16_t)
+DETAR_INT_OPS(u32_t)
+DETAR_INT_OPS(u64_t)
+#undef DETAR_INT_OPS
+
+struct OpSum {
+  template <class A> DEV static A apply(A a, A b) { return add(a, b); }
+  template <class A> DEV static A finish(A a, int) { return a; }
+};
+struct OpProd {
+  template <class A> DEV static A apply(A a, A b) { return mul(a, b); }
+  template <class A> DEV static A finish(A a, int) { return a; }
+};
+struct OpMin {
+  template <class A> DEV static A apply(A a, A b) { return vmin(a, b); }
+  template <class A> DEV static A finish(A a, int) { return a; }
+};
+struct OpMax {
+  template <class A> DEV static A apply(A a, A b) { return vmax(a, b); }
+  template <class A> DEV static A finish(A a, int) { return a; }
+};
+// avg = the sum fold, then one division by N in the accumulator type, then one rounding.
+struct OpAvg {
+  template <class A> DEV static A apply(A a, A b) { return add(a, b); }
+  template <class A> DEV static A finish(A a, int n) { return divn(a, n); }
+};
+
+// ---- element types: where an element sits in a pack and how it enters/leaves the accumulator --
+// Lane<S>: elements of S bytes (S <= 8) carried as the low bits of a u64.
+template <int S> struct UInt;
+template <> struct UInt<1> { typedef u8_t type; };
+template <> struct UInt<2> { typedef u16_t type; };
+template <> struct UInt<4> { typedef u32_t type; };
+template <> struct UInt<8> { typedef u64_t type; };
+
+template <int S> struct Lane {
+  typedef u64_t bits_t;
+  static const int K = 16 / S;  // elements per pack
+  DEV static u64_t get(const pack_t& p, int k) {
+    const int bit = k * S * 8;
+    const u64_t w = bit < 64 ? p.lo : p.hi;
+    return (w >> (bit & 63)) & (~0ull >> (64 - S * 8));
+  }
+  DEV static void set(pack_t& p, int k, u64_t v) {  // p's lane k must be zero
+    const int bit = k * S * 8;
+    if (bit < 64) p.lo |= v << (bit & 63); else p.hi |= v << (bit & 63);
+  }
+  DEV static u64_t load_one(const char* base, u64_t i) {
+    return (u64_t) reinterpret_cast<const typename UInt<S>::type*>(base)[i];
+  }
+  DEV static void store_one(char* base, u64_t i, u64_t v) {
+    reinterpret_cast<typename UInt<S>::type*>(base)[i] = (typename UInt<S>::type)v;
+  }
+};
+// 16-byte elements (complex128) are a whole pack.
+template <> struct Lane<16> {
+  typedef pack_t bits_t;
+  static const int K = 1;
+  DEV static pack_t get(const pack_t& p, int) { return p; }
+  DEV static void set(pack_t& p, int, pack_t v) { p = v; }
+  DEV static pack_t load_one(const char* base, u64_t i) {
+    return pack_load(reinterpret_cast<const pack_t*>(base) + i);
+  }
+  DEV static void store_one(char* base, u64_t i, pack_t v) {
+    pack_store(reinterpret_cast<pack_t*>(base) + i, v);
+  }
+};
+
+// Traits<T>: storage type T -> accumulator type A of the contract, and back.
+template <class T> struct Traits;
+template <> struct Traits<half_t> {
+  static const int S = 2; typedef float acc_t;
+  DEV static float load(u64_t b) { return h2f((u16_t)b); }  // never subnormal as a float32
+  DEV static u64_t store(float a) { return f2h(a); }
+};
+template <> struct Traits<bf16_t> {
+  static const int S = 2; typedef float acc_t;
+  DEV static float load(u64_t b) { return ftz(bf2f((u16_t)b)); }
+  DEV static u64_t store(float a) { return f2bf(a); }
+};
+template <> struct Traits<float> {
+  static const int S = 4; typedef float acc_t;
+  DEV static float load(u64_t b) { return ftz(f32_from((u32_t)b)); }
+  DEV static u64_t store(float a) { return f32_bits(a); }
+};
+template <> struct Traits<double> {
+  static const int S = 8; typedef double acc_t;
+  DEV static double load(u64_t b) { return f64_from(b); }
+  DEV static u64_t store(double a) { return f64_bits(a); }
+};
+template <> struct Traits<cfloat_t> {
+  static const int S = 8; typedef cfloat_t acc_t;
+  DEV static cfloat_t load(u64_t b) {  // little endian: real part first
+    cfloat_t c; c.re = ftz(f32_from((u32_t)b)); c.im = ftz(f32_from((u32_t)(b >> 32))); return c;
+  }
+  DEV static u64_t store(cfloat_t a) { return (u64_t)f32_bits(a.re) | ((u64_t)f32_bits(a.im) << 32); }
+};
+template <> struct Traits<cdouble_t> {
+  static const int S = 16; typedef cdouble_t acc_t;
+  DEV static cdouble_t load(pack_t b) { cdouble_t c; c.re = f64_from(b.lo); c.im = f64_from(b.hi); return c; }
+  DEV static pack_t store(cdouble_t a) { pack_t p; p.lo = f64_bits(a.re); p.hi = f64_bits(a.im); return p; }
+};
+// Integers accumulate in their own type; the casts from u64 bits keep the low S bytes.
+template <class T, int SZ> struct IntTraits {
+  static const int S = SZ; typedef T acc_t;
+  DEV static T load(u64_t b) { return (T)(typename UInt<SZ>::type)b; }
+  DEV static u64_t store(T a) { return (u64_t)(typename UInt<SZ>::type)a; }
+};
+template <> struct Traits<i8_t> : IntTraits<i8_t, 1> {};
+template <> struct Traits<i16_t> : IntTraits<i16_t, 2> {};
+template <> struct Traits<i32_t> : IntTraits<i32_t, 4> {};
+template <> struct Traits<i64_t> : IntTraits<i64_t, 8> {};
+template <> struct Traits<u8_t> : IntTraits<u8_t, 1> {};
+template <> struct Traits<u16_t> : IntTraits<u16_t, 2> {};
+template <> struct Traits<u32_t> : IntTraits<u32_t, 4> {};
+template <> struct Traits<u64_t> : IntTraits<u64_t, 8> {};
+
+// The fold of the contract over one pack: left to right in rank order 0..N-1, every lane.
+// All N packs are loaded by the caller before the first use, so the loads overlap.
+template <class T, class Op, int N> DEV pack_t reduce_pack(const pack_t (&v)[N]) {
+  typedef Traits<T> Tr;
+  typedef Lane<Tr::S> L;
+  pack_t out;
+  out.lo = 0; out.hi = 0;
+#pragma unroll
+  for (int k = 0; k < L::K; ++k) {
+    typename Tr::acc_t a = Tr::load(L::get(v[0], k));
+#pragma unroll
+    for (int s = 1; s < N; ++s) a = Op::apply(a, Tr::load(L::get(v[s], k)));
+    L::set(out, k, Tr::store(Op::finish(a, N)));
+  }
+  return out;
+}

@@ -18,13 +18,16 @@ ALGORITHMS = ("auto", "ll", "one_shot", "two_shot")
 LL_THREADS = 256
 THREADS = _kernels.THREADS
 
-# Largest message (bytes) for which `auto` picks ll, then one_shot; two_shot above. Measured on
-# H100 NVLink (bench/NOTES.md); world sizes not listed use the nearest smaller one.
+# Largest message (bytes) for which `auto` picks ll, then one_shot; two_shot above. From the
+# fp16 graph-replay benchmark on H100 NVLink (bench/NOTES.md, v2): one_shot was at least as fast
+# as ll at every size, so ll is never chosen; two_shot overtakes one_shot between 4 and 16 MiB on
+# 2 GPUs and between 1 and 4 MiB on 4. World sizes not listed use the nearest smaller one; 3 and
+# 8 are interpolated, not measured.
 AUTO_THRESHOLDS = {
-    2: (64 << 10, 1 << 20),
-    3: (64 << 10, 512 << 10),
-    4: (64 << 10, 512 << 10),
-    8: (32 << 10, 256 << 10),
+    2: (0, 8 << 20),
+    3: (0, 2 << 20),
+    4: (0, 1 << 20),
+    8: (0, 256 << 10),
 }
 
 
@@ -90,10 +93,10 @@ def all_reduce(geom: Geometry, dtype: str, op: str, count: int, algorithm: str) 
     half_packs = geom.stage_half_bytes // 16
     if algorithm == "ll":
         cap, block = (geom.ll_bytes // 16) * k, LL_THREADS
-    elif algorithm == "one_shot":
-        cap, block = half_packs * k, THREADS
-    elif algorithm == "two_shot":
-        cap, block = (half_packs // n) * n * k, THREADS
+    elif algorithm == "one_shot":  # a staging half holds N slots of the whole chunk
+        cap, block = (half_packs // n) * k, THREADS
+    elif algorithm == "two_shot":  # N slots of a slice, N gather slots of a slice
+        cap, block = (half_packs // (2 * n)) * n * k, THREADS
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}; one of {', '.join(ALGORITHMS)}")
     key = ModuleKey(dtype, n)
@@ -130,7 +133,8 @@ def moving(geom: Geometry, kind: str, itemsize: int, count: int, root: int = 0) 
     if itemsize not in _kernels.MOVING_SIZES:
         raise TypeError(f"element size {itemsize} bytes is not supported by {kind}")
     n, k = geom.world_size, 16 // itemsize
-    cap = (geom.stage_half_bytes // 16) * k
+    slots = n if kind == "all_gather" else 1  # all_gather receives N slots, broadcast one
+    cap = (geom.stage_half_bytes // 16 // slots) * k
     key = ModuleKey(None, n)
     name = _kernels.moving_name(itemsize, n, kind)
     out = []

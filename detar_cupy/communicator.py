@@ -16,6 +16,16 @@ DEFAULT_LL_BYTES = 256 << 10  # largest message one LL launch carries
 DEFAULT_TIMEOUT_S = 300.0  # device-side spin bound; a peer slower than this is declared gone
 
 
+_DTYPE_NAMES: dict = {}  # array dtype object -> table name: numpy builds dtype.name in Python
+
+
+def _name_of(dtype: Any) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype_name(dtype)
+    return name
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value is None else int(value)
@@ -58,6 +68,8 @@ class Communicator:
         self.device = cupy.cuda.Device(device)
         self.device.use()
         self._cupy = cupy
+        self._ndarray = cupy.ndarray
+        self._device_id = self.device.id
         stage = _env_int("DETAR_STAGING_BYTES", DEFAULT_STAGING_BYTES) // 16 * 16
         ll = _env_int("DETAR_LL_BYTES", DEFAULT_LL_BYTES) // 16 * 16
         timeout = float(os.environ.get("DETAR_TIMEOUT", DEFAULT_TIMEOUT_S))
@@ -68,6 +80,7 @@ class Communicator:
             raise MismatchError(f"ranks disagree on buffer sizes or platform: {configs}")
         self._buffers = SharedBuffers(rendezvous, device, stage, ll)
         self._closed = False
+        self._error_word = self._buffers.error_word
         self._ctx = Ctx()
         self._buffers.fill(self._ctx)
         self._launcher = Launcher(self._ctx)
@@ -76,7 +89,7 @@ class Communicator:
         self._geom = _plan.Geometry(self.world_size, stage, ll, min(_kernels.MAX_BLOCKS, sms))
         self._plans: dict[tuple, tuple] = {}
         self._failure: Exception | None = None
-        self._last_call = "no call yet"
+        self._last_call: tuple = ("no call yet",)
         rendezvous.barrier()
         return self
 
@@ -116,10 +129,12 @@ class Communicator:
         if self._closed:
             raise CommunicatorClosedError("the communicator is closed")
         if self._failure is None:
-            word = self._buffers.error_word.value
+            word = self._error_word.value
             if word == 0:
                 return
-            self._failure = decode_error(word, self.rank, self.timeout, self._last_call)
+            last = self._last_call
+            call = last[0] if len(last) == 1 else f"{last[0]}{last[1:]!r}"
+            self._failure = decode_error(word, self.rank, self.timeout, call)
         raise self._failure
 
     def synchronize(self, stream: Any = None) -> None:
@@ -149,29 +164,37 @@ class Communicator:
 
     def _array(self, a: Any, dtype: str | None, what: str):
         """(array, pointer, element count, dtype name) with every check a call needs."""
-        cp = self._cupy
-        if not isinstance(a, cp.ndarray):
-            if hasattr(a, "__cuda_array_interface__"):
-                a = cp.asarray(a)
-            elif hasattr(a, "__dlpack__"):
-                a = cp.from_dlpack(a)
-            else:
-                raise TypeError(f"{what} must be a GPU array (CuPy, or an object with "
-                                f"__cuda_array_interface__ or __dlpack__), not {type(a).__name__}")
-        if a.data.device_id != self.device.id:
-            raise ValueError(f"{what} is on GPU {a.data.device_id} but this rank's communicator "
-                             f"uses GPU {self.device.id}")
+        if not isinstance(a, self._ndarray):
+            a = self._import_array(a, what)
+        mem = a.data
+        if mem.device_id != self._device_id:
+            raise ValueError(f"{what} is on GPU {mem.device_id} but this rank's communicator "
+                             f"uses GPU {self._device_id}")
         if not a.flags.c_contiguous:
             raise ValueError(f"{what} must be C-contiguous (got strides {a.strides}); pass "
                              "cupy.ascontiguousarray(x)")
         if dtype is None:
-            name = dtype_name(a.dtype)
+            name = _name_of(a.dtype)
         else:
             name = dtype_name(dtype)
             if DTYPES[name].itemsize != a.itemsize:
                 raise TypeError(f"dtype={name!r} has {DTYPES[name].itemsize}-byte elements but "
                                 f"{what} has {a.itemsize}-byte elements ({a.dtype})")
-        return a, a.data.ptr, a.size, name
+        return a, mem.ptr, a.size, name
+
+    def _import_array(self, a: Any, what: str) -> Any:
+        """A CuPy view of a foreign GPU array (torch, numba, …), zero copy."""
+        cp = self._cupy
+        try:
+            if hasattr(a, "__cuda_array_interface__"):
+                return cp.asarray(a)
+            if hasattr(a, "__dlpack__"):
+                return cp.from_dlpack(a)
+        except (TypeError, ValueError, BufferError) as exc:  # a CPU array, an unknown dtype …
+            raise TypeError(f"{what} must be a GPU array on this rank's GPU; converting "
+                            f"{type(a).__name__} failed: {exc}") from exc
+        raise TypeError(f"{what} must be a GPU array (CuPy, or an object with "
+                        f"__cuda_array_interface__ or __dlpack__), not {type(a).__name__}")
 
     def _output(self, out: Any, size: int, name: str, dtype: str | None):
         """``out`` after the same checks as an input, plus element count and dtype."""
@@ -183,9 +206,10 @@ class Communicator:
         return out
 
     def _enter(self, desc: str) -> None:
+        """Refuse calls on a closed or failed communicator (one attribute read when healthy)."""
         if self._closed:
             raise CommunicatorClosedError(f"{desc}: the communicator is closed")
-        if self._failure is not None or self._buffers.error_word.value:
+        if self._failure is not None or self._error_word.value:
             self.check()
 
     def _run(self, plan: tuple, stream: int, in_ptr: int, out_ptr: int) -> None:
@@ -224,11 +248,14 @@ class Communicator:
                                  f"{', '.join(_plan.ALGORITHMS)}")
             plan = self._plans[key] = self._compile(
                 _plan.all_reduce(self._geom, name, op, count, algorithm))
-        out = (self._cupy.empty_like(x) if out_array is None
-               else self._output(out_array, count, name, dtype))
-        out_ptr = out.data.ptr
-        self._check_overlap(in_ptr, count * x.itemsize, out_ptr, count * x.itemsize)
-        self._last_call = f"all_reduce(count={count}, dtype={name}, op={op}, algorithm={algorithm})"
+        if out_array is in_array:  # in place: already checked
+            out, out_ptr = x, in_ptr
+        else:
+            out = (self._cupy.empty_like(x) if out_array is None
+                   else self._output(out_array, count, name, dtype))
+            out_ptr = out.data.ptr
+            self._check_overlap(in_ptr, count * x.itemsize, out_ptr, count * x.itemsize)
+        self._last_call = ("all_reduce", count, name, op, algorithm)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
@@ -257,7 +284,7 @@ class Communicator:
                else self._output(out_array, count, name, dtype))
         out_ptr = out.data.ptr
         self._check_overlap(in_ptr, total * x.itemsize, out_ptr, count * x.itemsize)
-        self._last_call = f"reduce_scatter(count={count}, dtype={name}, op={op})"
+        self._last_call = ("reduce_scatter", count, name, op)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
@@ -280,7 +307,7 @@ class Communicator:
                else self._output(out_array, total, name, None))
         out_ptr = out.data.ptr
         self._check_overlap(in_ptr, count * x.itemsize, out_ptr, total * x.itemsize)
-        self._last_call = f"all_gather(count={count}, itemsize={x.itemsize})"
+        self._last_call = ("all_gather", count, name)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
@@ -295,6 +322,6 @@ class Communicator:
         if plan is None:
             plan = self._plans[key] = self._compile(
                 _plan.moving(self._geom, "broadcast", x.itemsize, count, root))
-        self._last_call = f"broadcast(count={count}, itemsize={x.itemsize}, root={root})"
+        self._last_call = ("broadcast", count, x.dtype, root)
         self._run(plan, self._stream(stream), ptr, ptr)
         return x

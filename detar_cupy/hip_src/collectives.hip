@@ -72,6 +72,17 @@ DEV void finish_call(const Ctx& c, u32_t epoch) {
 // a is at or after b, on a wrapping 32-bit counter.
 DEV bool epoch_reached(u32_t a, u32_t b) { return (i32_t)(a - b) >= 0; }
 
+// Announce this block's call to peer t on both channels: the start-barrier flag (release, so it
+// also publishes the block's copy-in) and the LL header line. A peer running the other protocol
+// (an LL kernel against a barrier kernel, e.g. different algorithms on two ranks) then still sees
+// the signature on the channel it waits on and reports a MismatchError instead of timing out.
+template <int N> DEV void announce(const Ctx& c, int t, u32_t epoch, u32_t sig) {
+  flag_store_release(c.start_flags[t] + blockIdx.x * MAX_N + c.rank, (u64_t)epoch | ((u64_t)sig << 32));
+  line_t h;
+  h.d0 = sig; h.f0 = epoch; h.d1 = sig; h.f1 = epoch;
+  line_store(c.ll[t] + ((u64_t)(epoch & 1u) * N + c.rank) * c.ll_src_lines + blockIdx.x, h);
+}
+
 // Start barrier between block b of every rank: thread t < N signals rank t and waits for rank t.
 // Pairing blocks by index is enough because every rank splits the work over blocks identically,
 // so block b only ever reads what block b of its peers wrote. The flag carries the call's
@@ -83,8 +94,7 @@ template <int N> DEV bool barrier_start(const Ctx& c, u32_t epoch, u32_t sig) {
   bool fail = false;
   const int t = threadIdx.x;
   if (t < N && t != c.rank) {
-    const u64_t mine = (u64_t)epoch | ((u64_t)sig << 32);
-    flag_store_release(c.start_flags[t] + blockIdx.x * MAX_N + c.rank, mine);
+    announce<N>(c, t, epoch, sig);
     const u64_t* slot = c.start_flags[c.rank] + blockIdx.x * MAX_N + t;
     Waiter w;
     u64_t got;
@@ -145,18 +155,65 @@ DEV u64_t piece_len(bool two_shot, u64_t count, u64_t slice, int s) {
   return start >= count ? 0 : (count - start < slice ? count - start : slice);
 }
 
+#define UNROLL 2
+
+// Staging packs of this GPU -> user memory, UNROLL loads in flight per thread.
+template <int S>
+DEV void copy_out(const pack_t* src, char* dst, u64_t len, u64_t g0, u64_t G) {
+  const int K = 16 / S;
+  const bool al = aligned16(dst);
+  for (u64_t o = g0; o * K < len; o += UNROLL * G) {
+    pack_t v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if ((o + u * G) * K < len) v[u] = pack_load_fresh(src + o + u * G);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const u64_t ou = o + u * G;
+      if (ou * K >= len) break;
+      store_elems<S>(dst, ou * K, clamp_valid(len, ou * K, K), al, v[u]);
+    }
+  }
+}
+
+// User memory -> slot `slot` of the staging half of every rank in [first, last) (remote 16-byte
+// stores over NVLink/xGMI; writes are posted, so pushing beats pulling with remote loads).
+template <int S, int N>
+DEV void push(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, int first, int last,
+              u64_t g0, u64_t G) {
+  const int K = 16 / S;
+  const bool al = aligned16(src);
+  for (u64_t o = g0; o * K < len; o += UNROLL * G) {
+    pack_t v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if ((o + u * G) * K < len) v[u] = load_elems<S>(src, (o + u * G) * K, clamp_valid(len, (o + u * G) * K, K), al);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if ((o + u * G) * K >= len) break;
+#pragma unroll
+      for (int q = 0; q < N; ++q)
+        if (q >= first && q < last) pack_store(c.stage[q] + half + slot + o + u * G, v[u]);
+    }
+  }
+}
+
 enum Mode { ONE_SHOT = 1, TWO_SHOT = 2, REDUCE_SCATTER = 3, ALL_GATHER = 4, BROADCAST = 5 };
 
-// The barrier-based collectives. The input is cut into pieces (1 or N) that each start on a pack
-// boundary in staging. Thread g of the grid handles packs g, g + G, ... of every piece, identically
-// on every rank, so block b only ever reads what block b of its peers staged.
-//   one_shot:       copy in, barrier, fold all ranks' packs -> out.
-//   two_shot:       copy in N slices, barrier, rank r folds slice r (order 0..N-1, no rotation)
-//                   -> out and its staging, mid barrier, gather the other slices from their owners.
-//   reduce_scatter: copy in N slices, barrier, fold slice r -> out.
-//   all_gather:     copy in own, barrier, every rank's staging -> that rank's part of out.
-//   broadcast:      root copies in, barrier, the root's staging -> out.
-// count: elements per rank (all_reduce, broadcast), per slice (reduce_scatter, all_gather).
+// The barrier-based collectives, all "push, barrier, read locally": every rank stores its data
+// into slot `rank` of the receivers' staging, the start barrier publishes those stores, and each
+// rank then reads only its own memory. A staging half holds N slots of sp packs (two_shot: N
+// more for the gathered result). Thread g of the grid handles packs g, g + G, ... of every piece,
+// identically on every rank, so block b only ever reads what block b of its peers stored before
+// signalling block b.
+//   one_shot:       push all to all, barrier, fold slots 0..N-1 -> out.
+//   two_shot:       push slice s to rank s, barrier, rank r folds its slots 0..N-1 (the fixed
+//                   order: no rotation) -> out and into every peer's gather slot r, mid barrier,
+//                   gather slots -> out.
+//   reduce_scatter: push slice s to rank s, barrier, fold -> out.
+//   all_gather:     push own to all, barrier, slots -> out part of each rank.
+//   broadcast:      root pushes to all, barrier, slot 0 -> out.
+// count: elements per rank (all_reduce, broadcast) or per slice (reduce_scatter, all_gather).
 // aux:   reduce_scatter: input elements between slices; all_gather: output elements between
 //        ranks' parts (both differ from count when the host cuts a large call into chunks);
 //        broadcast: the root.
@@ -167,54 +224,57 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
   const u64_t half = (epoch & 1u) * c.stage_half_packs;
   const int rank = c.rank;
   const u64_t g0 = (u64_t)blockIdx.x * blockDim.x + threadIdx.x, G = (u64_t)gridDim.x * blockDim.x;
-  pack_t* mine = c.stage[rank] + half;
+  const pack_t* mine = c.stage[rank] + half;
 
   const bool sliced = MODE == TWO_SHOT || MODE == REDUCE_SCATTER;
   const u64_t slice = MODE == TWO_SHOT ? ((count + N - 1) / N + K - 1) / K * K : count;
-  const u64_t in_stride = MODE == REDUCE_SCATTER ? aux : slice;
-  const u64_t sp = (slice + K - 1) / K;  // staging packs per slice
+  const u64_t sp = (slice + K - 1) / K;  // packs per slot
   const int root = MODE == BROADCAST ? (int)aux : 0;
 
-  if (MODE != BROADCAST || rank == root) {
-    for (int s = 0; s < (sliced ? N : 1); ++s) {
-      const u64_t len = piece_len(MODE == TWO_SHOT, count, slice, s);
-      const char* src = in + (u64_t)s * in_stride * S;
-      const bool al = aligned16(src);
-      for (u64_t o = g0; o * K < len; o += G)
-        pack_store(mine + s * sp + o, load_elems<S>(src, o * K, clamp_valid(len, o * K, K), al));
-    }
+  if (sliced) {
+    const u64_t in_stride = MODE == REDUCE_SCATTER ? aux : slice;
+    for (int s = 0; s < N; ++s)
+      push<S, N>(c, half, in + (u64_t)s * in_stride * S, piece_len(MODE == TWO_SHOT, count, slice, s),
+                 (u64_t)rank * sp, s, s + 1, g0, G);
+  } else if (MODE != BROADCAST) {
+    push<S, N>(c, half, in, count, (u64_t)rank * sp, 0, N, g0, G);
+  } else if (rank == root) {
+    push<S, N>(c, half, in, count, 0, 0, N, g0, G);
   }
   if (barrier_start<N>(c, epoch, sig)) {
     if (MODE == ONE_SHOT || sliced) {
-      const int s = MODE == ONE_SHOT ? 0 : rank;  // the slice this rank folds
-      const u64_t len = piece_len(MODE == TWO_SHOT, count, slice, s);
-      char* dst = MODE == TWO_SHOT ? out + (u64_t)s * slice * S : out;
+      const u64_t len = piece_len(MODE == TWO_SHOT, count, slice, MODE == ONE_SHOT ? 0 : rank);
+      char* dst = MODE == TWO_SHOT ? out + (u64_t)rank * slice * S : out;
       const bool al = aligned16(dst);
-      for (u64_t o = g0; o * K < len; o += G) {
-        pack_t v[N];
+      for (u64_t o = g0; o * K < len; o += UNROLL * G) {
+        pack_t v[UNROLL][N];
 #pragma unroll
-        for (int r = 0; r < N; ++r) v[r] = pack_load(c.stage[r] + half + s * sp + o);
-        const pack_t red = reduce_pack<T, Op, N>(v);
-        if (MODE == TWO_SHOT) pack_store(mine + s * sp + o, red);  // the owner's copy for peers
-        store_elems<S>(dst, o * K, clamp_valid(len, o * K, K), al, red);
+        for (int u = 0; u < UNROLL; ++u)
+          if ((o + u * G) * K < len)
+#pragma unroll
+            for (int r = 0; r < N; ++r) v[u][r] = pack_load_fresh(mine + r * sp + o + u * G);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const u64_t ou = o + u * G;
+          if (ou * K >= len) break;
+          const pack_t red = reduce_pack<T, Op, N>(v[u]);
+          store_elems<S>(dst, ou * K, clamp_valid(len, ou * K, K), al, red);
+          if (MODE == TWO_SHOT)
+#pragma unroll
+            for (int q = 0; q < N; ++q)
+              if (q != rank) pack_store(c.stage[q] + half + (N + rank) * sp + ou, red);
+        }
       }
     }
-    if (MODE == ALL_GATHER || (MODE == TWO_SHOT && barrier_mid<N>(c, epoch))) {
-      for (int r = 0; r < N; ++r) {
-        if (MODE == TWO_SHOT && r == rank) continue;  // written by the fold above
-        const u64_t len = piece_len(MODE == TWO_SHOT, count, slice, r);
-        const u64_t at = MODE == TWO_SHOT ? r * sp : 0;
-        char* dst = out + (u64_t)r * (MODE == TWO_SHOT ? slice : aux) * S;
-        const bool al = aligned16(dst);
-        for (u64_t o = g0; o * K < len; o += G)
-          store_elems<S>(dst, o * K, clamp_valid(len, o * K, K), al, pack_load(c.stage[r] + half + at + o));
-      }
+    if (MODE == TWO_SHOT && barrier_mid<N>(c, epoch)) {
+      for (int r = 0; r < N; ++r)
+        if (r != rank)
+          copy_out<S>(mine + (N + r) * sp, out + (u64_t)r * slice * S,
+                      piece_len(true, count, slice, r), g0, G);
     }
-    if (MODE == BROADCAST && (rank != root || in != out)) {
-      const bool al = aligned16(out);
-      for (u64_t o = g0; o * K < count; o += G)
-        store_elems<S>(out, o * K, clamp_valid(count, o * K, K), al, pack_load(c.stage[root] + half + o));
-    }
+    if (MODE == ALL_GATHER)
+      for (int r = 0; r < N; ++r) copy_out<S>(mine + r * sp, out + (u64_t)r * aux * S, count, g0, G);
+    if (MODE == BROADCAST && (rank != root || in != out)) copy_out<S>(mine, out, count, g0, G);
   }
   finish_call(c, epoch);
 }
@@ -233,11 +293,7 @@ DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u32
   bool fail = false;
 
   // Header line per block: the signature, so a peer in a different call is a MismatchError.
-  if (t < N && t != rank) {
-    line_t h;
-    h.d0 = sig; h.f0 = epoch; h.d1 = sig; h.f1 = epoch;
-    line_store(c.ll[t] + (par + rank) * c.ll_src_lines + blockIdx.x, h);
-  }
+  if (t < N && t != rank) announce<N>(c, t, epoch, sig);
   const u64_t P = (count + K - 1) / K;
   const u64_t G = (u64_t)gridDim.x * blockDim.x;
   const bool al_in = aligned16(in), al_out = aligned16(out);

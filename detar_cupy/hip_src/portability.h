@@ -205,7 +205,21 @@ DEV pack_t pack_load(const pack_t* p) {
   v.hi = (u64_t)q[2] | ((u64_t)q[3] << 32);
   return v;
 }
+DEV pack_t pack_load_fresh(const pack_t* p) { return pack_load(p); }
 #else
 DEV pack_t pack_load(const pack_t* p) { return *p; }
+// Staging data that peers stored into this GPU's memory during this call. The SM's L1 is not
+// coherent with those remote stores and may still hold the same addresses from two calls ago
+// (same parity half), so these loads bypass L1 (.cg: cache in L2 only). On AMD the system-scope
+// acquire of the barrier already invalidated the CU's vector L1, so a plain load is enough.
+#if DETAR_HIP
+DEV pack_t pack_load_fresh(const pack_t* p) { return *p; }
+#else
+DEV pack_t pack_load_fresh(const pack_t* p) {
+  pack_t v;
+  asm volatile("ld.global.cg.v2.u64 {%0, %1}, [%2];" : "=l"(v.lo), "=l"(v.hi) : "l"(p) : "memory");
+  return v;
+}
+#endif
 #endif
 DEV void pack_store(pack_t* p, pack_t v) { *p = v; }

@@ -77,25 +77,19 @@ DETAR_INT_OPS(u32_t)
 DETAR_INT_OPS(u64_t)
 #undef DETAR_INT_OPS
 
-struct OpSum {
-  template <class A> DEV static A apply(A a, A b) { return add(a, b); }
-  template <class A> DEV static A finish(A a, int) { return a; }
-};
-struct OpProd {
-  template <class A> DEV static A apply(A a, A b) { return mul(a, b); }
-  template <class A> DEV static A finish(A a, int) { return a; }
-};
-struct OpMin {
-  template <class A> DEV static A apply(A a, A b) { return vmin(a, b); }
-  template <class A> DEV static A finish(A a, int) { return a; }
-};
-struct OpMax {
-  template <class A> DEV static A apply(A a, A b) { return vmax(a, b); }
-  template <class A> DEV static A finish(A a, int) { return a; }
-};
+// The ops of the fold: apply() combines two accumulator values, finish() runs once at the end.
+#define DETAR_FOLD_OP(NAME, FN)                                          \
+  struct NAME {                                                         \
+    template <class A> DEV static A apply(A a, A b) { return FN(a, b); } \
+    template <class A> DEV static A finish(A a, int) { return a; }      \
+  };
+DETAR_FOLD_OP(OpSum, add)
+DETAR_FOLD_OP(OpProd, mul)
+DETAR_FOLD_OP(OpMin, vmin)
+DETAR_FOLD_OP(OpMax, vmax)
+#undef DETAR_FOLD_OP
 // avg = the sum fold, then one division by N in the accumulator type, then one rounding.
-struct OpAvg {
-  template <class A> DEV static A apply(A a, A b) { return add(a, b); }
+struct OpAvg : OpSum {
   template <class A> DEV static A finish(A a, int n) { return divn(a, n); }
 };
 

@@ -9,7 +9,7 @@ from ._ipc import SharedBuffers
 from ._launch import Launcher
 from ._protocol import Ctx, decode_error
 from .dtypes import DTYPES, dtype_name, lookup
-from .errors import (CommunicatorClosedError, CupyMissingError, MismatchError)
+from .errors import CommunicatorClosedError, CupyMissingError, MismatchError
 
 DEFAULT_STAGING_BYTES = 32 << 20  # per parity half; larger calls are cut into chunks
 DEFAULT_LL_BYTES = 256 << 10  # largest message one LL launch carries
@@ -139,8 +139,12 @@ class Communicator:
 
     def synchronize(self, stream: Any = None) -> None:
         """Wait for this rank's work on ``stream`` (default: current), then :meth:`check`."""
-        self._stream(stream)  # validates
-        (stream if stream is not None else self._cupy.cuda.get_current_stream()).synchronize()
+        if stream is None:
+            self._cupy.cuda.get_current_stream().synchronize()
+        elif hasattr(stream, "synchronize"):  # CuPy or torch stream
+            stream.synchronize()
+        else:  # a raw handle
+            self._cupy.cuda.ExternalStream(self._stream(stream)).synchronize()
         self.check()
 
     def barrier(self) -> None:

@@ -2,7 +2,10 @@
 
 Raw allocations, not CuPy's pool: an IPC handle covers a whole allocation, and the pool would hand
 out pieces of a larger one. Each rank owns
-  - a staging buffer (two halves chosen by epoch parity), ordinary device memory;
+  - a staging buffer (two halves chosen by epoch parity) that peers store into during a call: on
+    ROCm fine-grained memory, because the local L2 only stays coherent with other agents' writes
+    on coherent (fine-grained) pages and could otherwise serve a line from two calls ago; on CUDA
+    ordinary device memory (the readers bypass L1 instead);
   - a signal buffer (LL receive area + barrier flags): on ROCm fine-grained, uncached memory so
     peers' flag stores are seen by polling loads; on CUDA ordinary device memory;
   - a private state block (epoch, finished-block counter, error word), never shared;
@@ -25,9 +28,9 @@ _HIP_DEVICE_MALLOC_FINEGRAINED = 0x1
 _HIP_DEVICE_MALLOC_UNCACHED = 0x3
 
 
-def _hip_fine_grained_malloc(size: int) -> int:
-    """hipExtMallocWithFlags through ctypes (CuPy has no binding): uncached where the runtime
-    knows the flag (ROCm >= 5.7), else fine-grained (ROCm 5.0)."""
+def _hip_fine_grained_malloc(size: int, uncached: bool) -> int:
+    """hipExtMallocWithFlags through ctypes (CuPy has no binding): fine-grained; with
+    ``uncached``, uncached where the runtime knows that flag (ROCm >= 5.7)."""
     for name in ("libamdhip64.so", "libamdhip64.so.6", "libamdhip64.so.5"):
         try:
             lib = ctypes.CDLL(name)
@@ -40,7 +43,8 @@ def _hip_fine_grained_malloc(size: int) -> int:
     fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
     fn.restype = ctypes.c_int
     ptr = ctypes.c_void_p()
-    for flag in (_HIP_DEVICE_MALLOC_UNCACHED, _HIP_DEVICE_MALLOC_FINEGRAINED):
+    flags = ((_HIP_DEVICE_MALLOC_UNCACHED,) if uncached else ()) + (_HIP_DEVICE_MALLOC_FINEGRAINED,)
+    for flag in flags:
         if fn(ctypes.byref(ptr), size, flag) == 0:
             return int(ptr.value)
     raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of signal memory")
@@ -61,13 +65,9 @@ class SharedBuffers:
         self._host_word = 0
         try:
             is_hip = bool(runtime.is_hip)
-            self.stage = self._alloc(2 * stage_half_bytes)
+            self.stage = self._alloc(2 * stage_half_bytes, fine=is_hip, uncached=False)
             sig_bytes = _protocol.signal_bytes(n, ll_bytes)
-            if is_hip:
-                self.signal = _hip_fine_grained_malloc(sig_bytes)
-                self._own.append(self.signal)
-            else:
-                self.signal = self._alloc(sig_bytes)
+            self.signal = self._alloc(sig_bytes, fine=is_hip, uncached=True)
             runtime.memset(self.signal, 0, sig_bytes)
             self.state = self._alloc(_protocol.STATE_BYTES)
             runtime.memset(self.state, 0, _protocol.STATE_BYTES)
@@ -96,8 +96,8 @@ class SharedBuffers:
         self.ll_src_lines = _protocol.ll_src_lines(ll_bytes)
         self.stage_half_bytes = stage_half_bytes
 
-    def _alloc(self, size: int) -> int:
-        ptr = self._runtime.malloc(size)
+    def _alloc(self, size: int, fine: bool = False, uncached: bool = False) -> int:
+        ptr = _hip_fine_grained_malloc(size, uncached) if fine else self._runtime.malloc(size)
         self._own.append(ptr)
         return ptr
 

@@ -16,18 +16,15 @@ all_gather, broadcast; two_shot has two barriers, the others one):
 - AMDGPU, from the LLVM AMDGPU memory model as compiled by hiprtc (derived by compiling the same
   atomic with system, agent and workgroup scope; ``test_compile_matrix.py`` re-derives it):
 
-  ========  ===============================================  ==========================================
-  target    system-scope release store                       system-scope acquire load
-  ========  ===============================================  ==========================================
-  gfx908    ``s_waitcnt vmcnt(0)``; store  (same as agent)   load ``glc``; ``s_waitcnt``;
-                                                             ``buffer_wbinvl1_vol`` (same as agent)
-  gfx90a    ``buffer_wbl2``; ``s_waitcnt``; store            load ``glc``; ``s_waitcnt``; ``buffer_invl2``;
-            (agent: no ``buffer_wbl2``)                      ``buffer_wbinvl1_vol`` (agent: no
-                                                             ``buffer_invl2``)
-  gfx940    ``buffer_wbl2 sc0 sc1``; ``s_waitcnt``;           load ``sc0 sc1``; ``s_waitcnt``;
-            store ``sc0 sc1`` (agent: ``sc1``, workgroup:    ``buffer_inv sc0 sc1`` (agent: ``sc1``)
-            ``sc0``)
-  ========  ===============================================  ==========================================
+  - gfx908: release = ``s_waitcnt vmcnt(0)``; store. Acquire = load ``glc``; ``s_waitcnt``;
+    ``buffer_wbinvl1_vol``. Both identical at agent scope.
+  - gfx90a: release = ``buffer_wbl2``; ``s_waitcnt``; store (agent: no ``buffer_wbl2``).
+    Acquire = load ``glc``; ``s_waitcnt``; ``buffer_invl2``; ``buffer_wbinvl1_vol`` (agent: no
+    ``buffer_invl2``).
+  - gfx940: release = ``buffer_wbl2 sc0 sc1``; ``s_waitcnt``; store ``sc0 sc1`` (agent: ``sc1``
+    on both; workgroup: store ``sc0``, no ``buffer_wbl2``). Acquire = load ``sc0 sc1``;
+    ``s_waitcnt``; ``buffer_inv sc0 sc1`` (agent: ``sc1``; workgroup: load ``sc0``, no
+    ``buffer_inv``).
 
   Per barrier kernel: at least one system-scope release store and one system-scope acquire load
   per barrier, and no release store / acquire load at a narrower scope where the ISA shows it
@@ -36,6 +33,9 @@ all_gather, broadcast; two_shot has two barriers, the others one):
   are allowed. On gfx908 system and agent scope compile to the same code, so only "at least
   agent" is checkable there (the release side not at all): visibility to peers on gfx908 rests
   on the signal memory being fine-grained.
+
+PTX also: no ``ld.global.nc`` in collective kernels (staging is written by peers while the kernel
+runs, and in-place calls alias input and output; the non-coherent path may serve stale data).
 
 16-byte data path (one_shot and two_shot): at least ``world size`` 16-byte global loads (one per
 rank in the unrolled fold): PTX ``ld[.global][...].v4.{b,u,s,f}32`` or ``.v2.{b,u,s,f}64``;
@@ -120,6 +120,7 @@ _PTX_ACQ = re.compile(r"^ld\.(?:\w+\.)*acquire\.(sys|gpu|cta|cluster)\b"
                       r"|^atom\.(?:\w+\.)*(?:acquire|acq_rel)\.(sys|gpu|cta|cluster)\b")
 _PTX_SYS_FENCE = re.compile(r"^(?:fence\.(?:sc|acq_rel)\.sys|membar\.sys)\b")
 _PTX_VEC_LOAD = re.compile(r"^ld\.(?:[\w]+\.)*?(?:v4\.[busf]32|v2\.[busf]64)\b")
+_PTX_NC_LOAD = re.compile(r"^ld\.global(?:\.[\w:]+?)*?\.nc\b")
 
 
 def check_ptx_kernel(name: str, body: str) -> KernelReport:
@@ -146,6 +147,9 @@ def check_ptx_kernel(name: str, body: str) -> KernelReport:
             rep.sys_acquire += 1
         if _PTX_VEC_LOAD.match(op):
             rep.vector_loads += 1
+        if _PTX_NC_LOAD.match(op) and (barriers_in(name) or "_ll" in name):
+            rep.violations.append(f"non-coherent load (peers write staging during the kernel, "
+                                  f"in-place calls alias in and out): {ins}")
     _judge(rep, check_release=True)
     return rep
 
@@ -269,6 +273,19 @@ def check_amdgpu_kernel(name: str, body: str, arch: str) -> KernelReport:
     # gfx908 has no release marker at any scope above workgroup: the count cannot be checked
     _judge(rep, check_release=(arch != "gfx908"), flat16=flat16)
     return rep
+
+
+def memory_signature(body: str, arch: str) -> tuple:
+    """What the memory model makes of a kernel, independent of register allocation and
+    scheduling: the ordered (kind, scope) sequences of :func:`classify_amdgpu` and the multiset of
+    vector-memory and cache instructions with their cache-policy bits."""
+    from collections import Counter
+
+    ins = _amd_instructions(body)
+    seq = tuple((k, s) for k, s, _ in classify_amdgpu(ins, arch))
+    ops = Counter(" ".join([s.split()[0]] + sorted(_bits(s)))
+                  for s in ins if _is_vmem(s) or _is_cache_op(s))
+    return seq, tuple(sorted(ops.items()))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,23 +7,28 @@ Toolchains: NVRTC from the ``test`` extra (cuda-bindings + nvidia-cuda-nvrtc); h
 llvm-objdump from Debian (``.ci/run`` installs them). Without one, its tests skip with the reason,
 unless ``DETAR_REQUIRE_TOOLCHAINS=1`` (CI), where they fail.
 
-What is compiled:
+What is compiled (tier ``DETAR_MATRIX``: ``ci`` by default, ``full`` for everything; see TIERS):
 
-- full: the CuPy 14 option set (exactly CuPy's flags; CUDA with CuPy's ``-arch=sm_XX``, so NVRTC
-  also runs ptxas and yields a cubin; HIP with ``--gpu-architecture``), every module, every target,
-  then the ISA checks. Modules are batched into translation units (``render(keys)``), compiled in
-  parallel processes.
-- front end: every other CuPy option set that differs in more than include directories (CuPy
-  13.3: ``--std=c++11`` where ours name no standard), every module, syntax only (NVRTC
-  ``-fdevice-syntax-only``; hiprtc's front end on the clang replica with ``-fsyntax-only``): the
-  language standard only matters to the front end.
+- full codegen + ISA checks: the CuPy 14 option set, exactly CuPy's flags except that CUDA uses
+  ``-arch=compute_XX`` (PTX; CuPy's ``CUPY_COMPILE_WITH_PTX`` mode) since ptxas would double the
+  time; HIP adds ``--gpu-architecture=gfxXXX``. Tier ``full``: every module on every target.
+  Tier ``ci``: every module on some target of each platform (CUDA: all on sm_90; ROCm: world
+  sizes spread over gfx908/gfx90a/gfx940, each of which also gets the largest one), i.e. every
+  dtype/op/algorithm on every target. Modules are batched into translation units
+  (``render(keys)``) compiled in parallel processes.
+- cubin: CuPy's exact ``-arch=sm_XX`` (NVRTC runs ptxas) on every dtype's module at one world
+  size (CUBIN_WORLD), for both CUDA targets: every inline-asm site assembled for each target.
+- front end: every module, syntax only (NVRTC ``-fdevice-syntax-only``; hiprtc's front end on
+  the clang replica with ``-fsyntax-only``), on every target whose full-codegen share is partial,
+  and for every other CuPy version's option set that differs in more than include directories
+  (CuPy 13.3: ``--std=c++11`` where ours name no standard: a front-end matter).
 - must-fail: ``render(..., weaken="flag_scope" | "vector")`` for one target per ISA rule set
   (sm_90, gfx908, gfx90a, gfx940); every affected kernel must be flagged.
 
-Knobs (local use; CI sets none): ``DETAR_MATRIX_WORKERS`` (processes, default: CPU count),
-``DETAR_MATRIX_BATCH`` (modules per translation unit, default 6), ``DETAR_MATRIX_TARGETS``
-(comma-separated subset, e.g. ``sm_90,gfx90a``; printed in the summary), ``DETAR_COMPILE_SUMMARY``
-(a file to write the summary to; ``.ci/run`` checks it).
+Knobs (local use; CI sets none): ``DETAR_MATRIX`` (tier), ``DETAR_MATRIX_WORKERS`` (processes,
+default: CPU count), ``DETAR_MATRIX_BATCH`` (modules per translation unit, default 6),
+``DETAR_MATRIX_TARGETS`` (comma-separated subset, e.g. ``sm_90,gfx90a``; printed in the summary),
+``DETAR_COMPILE_SUMMARY`` (a file to write the summary to; ``.ci/run`` checks it).
 """
 from __future__ import annotations
 
@@ -52,6 +57,8 @@ WEAKEN_TARGETS = ("sm_90", "gfx908", "gfx90a", "gfx940")
 #: modules of the must-fail renders: all barrier algorithms (reducing + data-moving modules)
 WEAKEN_KEYS = (("float32", 2), (None, 2))
 PRIMARY_CUPY = 14
+#: world size of the cubin (ptxas) sample: every dtype's module, so every inline-asm site
+CUBIN_WORLD = 2
 
 
 def _platform(arch: str) -> str:
@@ -69,11 +76,8 @@ def _need(avail: T.Availability, what: str) -> None:
 def _availability(arch: str) -> T.Availability:
     if _platform(arch) == "cuda":
         return T.nvrtc_available()
-    for a in (T.hiprtc_available(), T.objdump_available()):
-        if not a:
-            return a
-    if T.hiprtc_backend_for(arch) != "hiprtc" or arch != "gfx90a":
-        a = T.hip_clang_available()  # gfx940 (replica) and the front-end checks need it
+    # the clang replica compiles gfx940 and runs the front-end checks of every HIP target
+    for a in (T.hiprtc_available(), T.hip_clang_available(), T.objdump_available()):
         if not a:
             return a
     return T.Availability(True)
@@ -94,7 +98,9 @@ def _selected_targets() -> tuple[tuple[str, str], ...]:
 # option sets
 # ------------------------------------------------------------------------------------------------
 
-_INCLUDE_DIR = tempfile.mkdtemp(prefix="detar-cupy-include-")  # stands in for CuPy's -I dirs
+# an existing (empty) directory standing in for CuPy's -I directories
+_INCLUDE_DIR = os.path.join(tempfile.gettempdir(), "detar-cupy-ci-include")
+os.makedirs(_INCLUDE_DIR, exist_ok=True)
 
 
 def option_sets(platform: str, arch: str) -> dict[str, tuple[str, ...]]:
@@ -121,7 +127,7 @@ def option_sets(platform: str, arch: str) -> dict[str, tuple[str, ...]]:
 class Job:
     arch: str
     label: str  # cupy14, cupy13, ...
-    mode: str  # "full", "syntax"
+    mode: str  # "full", "cubin" or "syntax"
     options: tuple[str, ...]
     keys: tuple[tuple[str | None, int], ...]
     weaken: str | None = None
@@ -190,25 +196,68 @@ def _batches(keys, size):
     return [tuple(keys[i:i + size]) for i in range(0, len(keys), size)]
 
 
+def _ptx_only(options: tuple[str, ...]) -> tuple[str, ...]:
+    """CuPy's CUDA options with -arch=sm_XX turned into -arch=compute_XX: NVRTC stops at PTX
+    (what CuPy does with CUPY_COMPILE_WITH_PTX=1); ptxas would double the matrix's CUDA time."""
+    return tuple(o.replace("-arch=sm_", "-arch=compute_") for o in options)
+
+
+#: World sizes compiled with full code generation + ISA checks, per target and tier.
+#: "full": everything everywhere (~1700 CPU-s on the CI's CPU class with the current kernels:
+#: ~15 min on 2 cores, over the CI budget). "ci" (default): every variant still goes through full
+#: code generation on each platform (CUDA: all on sm_90; ROCm: the world sizes spread over the
+#: three gfx targets), and every target compiles every dtype/op/algorithm at the smallest, a
+#: middle and the largest world size; every target also runs the front end on every variant, and
+#: both CUDA targets run ptxas (CuPy's exact -arch=sm_XX) on every dtype (CUBIN_WORLD).
+_ALL_N = tuple(range(1, K.MAX_WORLD + 1))
+TIERS: dict[str, dict[str, tuple[int, ...]]] = {
+    "full": {a: _ALL_N for _, a in TARGETS},
+    "ci": {"sm_90": _ALL_N, "sm_80": (2,),
+           "gfx90a": (1, 4, 7, K.MAX_WORLD), "gfx940": (2, 5, K.MAX_WORLD),
+           "gfx908": (3, 6, K.MAX_WORLD)},
+}
+
+
+def tier() -> str:
+    t = os.environ.get("DETAR_MATRIX", "ci").strip() or "ci"
+    if t not in TIERS:
+        raise ValueError(f"DETAR_MATRIX={t!r}: one of {sorted(TIERS)}")
+    return t
+
+
+def full_world_sizes(arch: str) -> tuple[int, ...]:
+    return tuple(sorted(set(TIERS[tier()][arch])))
+
+
 def build_jobs(targets) -> list[Job]:
     batch = int(os.environ.get("DETAR_MATRIX_BATCH", "6"))
     allkeys = [(k.dtype, k.world_size) for k in K.module_keys()]
+    cubin_keys = tuple((k.dtype, k.world_size) for k in K.module_keys()
+                       if k.world_size == CUBIN_WORLD)
     jobs = []
     for platform, arch in targets:
         if not _availability(arch):
             continue
         sets = option_sets(platform, arch)
-        for i, (label, opts) in enumerate(sets.items()):
-            mode = "full" if i == 0 else "syntax"
-            size = batch if mode == "full" else len(allkeys)  # front end: one TU
-            for b in _batches(allkeys, size):
-                jobs.append(Job(arch, label, mode, opts, b))
+        (label, opts), *others = sets.items()
+        full_opts = _ptx_only(opts) if platform == "cuda" else opts
+        sizes = full_world_sizes(arch)
+        for b in _batches([k for k in allkeys if k[1] in sizes], batch):
+            jobs.append(Job(arch, label, "full", full_opts, b))
+        if platform == "cuda":
+            # CuPy's exact -arch=sm_XX (PTX + ptxas -> cubin) on every dtype's module at one
+            # world size: every inline-asm site through ptxas for this target
+            jobs.append(Job(arch, label, "cubin", opts, cubin_keys))
+        if sizes != _ALL_N:  # every variant through this target's front end
+            jobs.append(Job(arch, label, "syntax", opts, tuple(allkeys)))
+        for olabel, oopts in others:  # front end only, one translation unit
+            jobs.append(Job(arch, olabel, "syntax", oopts, tuple(allkeys)))
         if arch in WEAKEN_TARGETS:
-            opts = next(iter(sets.values()))
             for w in ("flag_scope", "vector"):
-                jobs.append(Job(arch, next(iter(sets)), "full", opts, WEAKEN_KEYS, weaken=w))
-    # biggest first for load balance: full before syntax, larger world sizes first
-    jobs.sort(key=lambda j: (j.mode != "full", -sum(n for _, n in j.keys)))
+                jobs.append(Job(arch, label, "full", full_opts, WEAKEN_KEYS, weaken=w))
+    # most expensive first for load balance (cost grows with world size)
+    cost = {"full": 1.0, "cubin": 2.0, "syntax": 0.02}
+    jobs.sort(key=lambda j: -cost[j.mode] * sum(1 + n for _, n in j.keys))
     return jobs
 
 
@@ -322,10 +371,10 @@ def test_amdgpu_scope_encoding(arch):
     if arch == "gfx908":
         # system and agent scope are the same instructions on gfx908: the reason the flag check
         # there can only say "at least agent scope"
-        strip = lambda n: [l.split("//")[0].split(None, 0) for l in bodies[n].splitlines()[1:]]
-        assert strip("st_system") == strip("st_agent") and strip("ld_system") == strip("ld_agent")
+        ins = {n: I._amd_instructions(b) for n, b in bodies.items()}
+        assert ins["st_system"] == ins["st_agent"] and ins["ld_system"] == ins["ld_agent"]
     assert sum(s.startswith("global_load_dwordx4") for s in I._amd_instructions(bodies["copy16"]))
-    assert not any("dwordx4" in s for s in I._amd_instructions(bodies["copy4"]))
+    assert not any(s.startswith("global_load_dwordx4") for s in I._amd_instructions(bodies["copy4"]))
 
 
 _PTX_SCOPE_SRC = """
@@ -348,19 +397,20 @@ def test_ptx_scope_reading():
 
 
 def test_hiprtc_replica_matches_hiprtc():
-    """gfx940 goes through the clang replica of hiprtc: on gfx90a, where both work, it must give
-    hiprtc's instructions for a real module."""
+    """gfx940 goes through the clang replica of hiprtc. On gfx90a, where both work, the replica
+    must give hiprtc's memory-model code for real modules: the same release/acquire sequences and
+    the same memory instructions with the same cache bits (register allocation and scheduling
+    differ: hiprtc optimises before and after linking the device libraries, the driver once)."""
     _need(_availability("gfx90a"), "hiprtc toolchain")
-    _need(T.hip_clang_available(), "hip-clang (hiprtc replica)")
-    src = K.render([K.ModuleKey("float16", 3)])
     opts = next(iter(option_sets("hip", "gfx90a").values()))
-    a = T.hiprtc_compile(src, "gfx90a", opts, backend="hiprtc")
-    b = T.hiprtc_compile(src, "gfx90a", opts, backend="clang")
-
-    def body(co):
-        return [l.split("//")[0].strip() for l in I.disassemble(co, "gfx90a").splitlines()[3:]]
-
-    assert body(a) == body(b)
+    for key in (K.ModuleKey("float16", 3), K.ModuleKey(None, 5)):
+        src = K.render([key])
+        a = I.split_amdgpu(I.disassemble(T.hiprtc_compile(src, "gfx90a", opts, backend="hiprtc"),
+                                         "gfx90a"))
+        b = I.split_amdgpu(I.disassemble(T.hiprtc_compile(src, "gfx90a", opts, backend="clang"),
+                                         "gfx90a"))
+        for n in K.kernel_names(key):
+            assert I.memory_signature(a[n], "gfx90a") == I.memory_signature(b[n], "gfx90a"), n
 
 
 def test_compile_error_carries_log():
@@ -375,6 +425,8 @@ def test_compile_error_carries_log():
 # ------------------------------------------------------------------------------------------------
 
 def _results_or_skip(matrix: Matrix, arch: str, **kw) -> list[Result]:
+    """Results of ``arch`` (default: the full-matrix translation units), skipping/failing when
+    the target was not selected or its toolchain is missing."""
     _skip_unselected(arch)
     _need(_availability(arch), f"toolchain for {arch}")
     rs = matrix.of(arch, **kw)
@@ -397,23 +449,51 @@ def test_matrix_compiles(matrix, arch):
     """Every module, every kernel: compiled with CuPy 14's options (full codegen)."""
     rs = _results_or_skip(matrix, arch)
     _fail_on_errors(rs)
-    assert sum(r.modules for r in rs) == len(K.module_keys())
-    assert sum(r.kernels for r in rs) == sum(len(K.kernel_names(k)) for k in K.module_keys())
+    want = [k for k in K.module_keys() if k.world_size in full_world_sizes(arch)]
+    assert sum(r.modules for r in rs) == len(want)
+    assert sum(r.kernels for r in rs) == sum(len(K.kernel_names(k)) for k in want)
     if _platform(arch) == "cuda":
-        assert all(r.cubin_bytes > 0 for r in rs), "NVRTC gave no cubin for -arch=sm_XX"
+        assert all(r.cubin_bytes == 0 for r in rs)  # -arch=compute_XX: PTX only
+
+
+@pytest.mark.parametrize("arch", _target_params([a for p, a in TARGETS if p == "cuda"]))
+def test_matrix_cubin_sample(matrix, arch):
+    """CuPy's exact CUDA options (-arch=sm_XX: NVRTC runs ptxas) on every dtype's module at one
+    world size, so every inline-asm site is assembled for this target."""
+    rs = _results_or_skip(matrix, arch, mode="cubin")
+    _fail_on_errors(rs)
+    assert all(r.cubin_bytes > 0 for r in rs), "NVRTC gave no cubin for -arch=sm_XX"
+    bad = [r for r in rs if r.bad]
+    assert not bad, f"ISA check failures on {arch}:\n{_violations(bad)}"
+
+
+@pytest.mark.parametrize("platform", ["cuda", "hip"])
+def test_matrix_covers_every_variant_per_platform(platform):
+    """Whatever the tier, every module gets full code generation on some target of each
+    platform."""
+    covered = set()
+    for p, a in TARGETS:
+        if p == platform:
+            covered |= set(full_world_sizes(a))
+    assert covered == set(_ALL_N), (tier(), platform, sorted(covered))
 
 
 @pytest.mark.parametrize("arch", _target_params())
-def test_matrix_front_end_other_cupy(matrix, arch):
-    """Other CuPy versions' option sets (13.3: --std=c++11 unless ours name a standard)."""
+def test_matrix_front_end(matrix, arch):
+    """Every variant through this target's front end: with CuPy 14's options where the target's
+    full-codegen share is partial, and with each other CuPy version's option set (13.3:
+    --std=c++11 unless ours name a standard)."""
     _skip_unselected(arch)
     _need(_availability(arch), f"toolchain for {arch}")
     rs = matrix.of(arch, mode="syntax")
+    others = list(option_sets(_platform(arch), arch))[1:]
     if not rs:
-        pytest.skip("every CuPy version passes the same options but include dirs: "
-                    + repr(option_sets(_platform(arch), arch)))
+        assert not others and full_world_sizes(arch) == _ALL_N
+        pytest.skip("all variants fully compiled, and every CuPy version passes the same "
+                    "options but include dirs")
     _fail_on_errors(rs)
-    assert sum(r.modules for r in rs) == len(K.module_keys())
+    for label in {r.job.label for r in rs}:
+        assert sum(r.modules for r in rs if r.job.label == label) == len(K.module_keys())
 
 
 def _violations(rs: list[Result], limit: int = 25) -> str:
@@ -459,12 +539,12 @@ def test_weakened_render_is_caught(matrix, arch, which):
 def test_matrix_summary(matrix, capsys):
     """Prints what ran (outside pytest's capture, so it is in every CI log) and writes it to
     $DETAR_COMPILE_SUMMARY if set."""
-    lines = [f"compile matrix: {len(matrix.results)} translation units on {matrix.workers} "
-             f"worker processes, wall {matrix.wall:.1f} s"]
+    lines = [f"compile matrix (tier {tier()}): {len(matrix.results)} translation units on "
+             f"{matrix.workers} worker processes, wall {matrix.wall:.1f} s"]
     if os.environ.get("DETAR_MATRIX_TARGETS"):
         lines.append(f"  (restricted by DETAR_MATRIX_TARGETS={os.environ['DETAR_MATRIX_TARGETS']})")
-    lines.append(f"  {'target':8} {'compiler':28} {'options':7} {'mode':10} {'TUs':>4} "
-                 f"{'modules':>7} {'kernels':>7} {'cpu s':>8} {'errors':>6} {'ISA bad':>7}")
+    lines.append(f"  {'target':8} {'compiler':28} {'options':7} {'mode':16} {'TUs':>4} "
+                 f"{'modules':>7} {'kernels':>7} {'cpu s':>8} {'errors':>6} {'ISA bad':>7}  world sizes")
     groups: dict[tuple, list[Result]] = {}
     for r in matrix.results:
         mode = r.job.mode if r.job.weaken is None else f"weak:{r.job.weaken}"
@@ -474,13 +554,16 @@ def test_matrix_summary(matrix, capsys):
         if _platform(arch) == "cuda":
             comp = "NVRTC %d.%d" % T.nvrtc_version()
         elif mode == "syntax":
-            comp = "clang-15 (hiprtc fe)"
+            comp = "clang-15 (hiprtc f.end)"
         else:
             comp = "hiprtc" if T.hiprtc_backend_for(arch) == "hiprtc" else "clang-15 (hiprtc replica)"
-        lines.append(f"  {arch:8} {comp:28} {label:7} {mode:10} {len(rs):4d} "
+        sizes = sorted({n for r in rs for _, n in r.job.keys})
+        if mode == "full" and _platform(arch) == "cuda":
+            mode = "full (ptx)"
+        lines.append(f"  {arch:8} {comp:28} {label:7} {mode:16} {len(rs):4d} "
                      f"{sum(r.modules for r in rs):7d} {sum(r.kernels for r in rs):7d} "
                      f"{sum(r.seconds for r in rs):8.1f} {sum(1 for r in rs if r.error):6d} "
-                     f"{sum(len(r.bad) for r in rs):7d}")
+                     f"{sum(len(r.bad) for r in rs):7d}  {','.join(map(str, sizes))}")
     for _, arch in TARGETS:
         if arch in {a for _, a in matrix.targets} and not _availability(arch):
             lines.append(f"  {arch:8} NOT RUN: {_availability(arch).reason}")
@@ -490,6 +573,7 @@ def test_matrix_summary(matrix, capsys):
             shown = [o for o in opts if not o.startswith("-I")]
             lines.append(f"  options {platform} {label}: {' '.join(shown)} "
                          f"(+ {sum(o.startswith('-I') for o in opts)} include dirs)")
+    lines.append("  (full (ptx): -arch=sm_XX -> -arch=compute_XX; cubin: CuPy's exact options)")
     text = "\n".join(lines)
     with capsys.disabled():
         print("\n" + text, flush=True)

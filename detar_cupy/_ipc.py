@@ -38,7 +38,7 @@ def _hip_fine_grained_malloc(size: int, uncached: bool) -> int:
         except OSError:
             continue
     else:
-        raise DetarError("cannot load libamdhip64 for fine-grained signal memory")
+        raise DetarError("cannot load libamdhip64 for fine-grained device memory")
     fn = lib.hipExtMallocWithFlags
     fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
     fn.restype = ctypes.c_int
@@ -47,7 +47,7 @@ def _hip_fine_grained_malloc(size: int, uncached: bool) -> int:
     for flag in flags:
         if fn(ctypes.byref(ptr), size, flag) == 0:
             return int(ptr.value)
-    raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of signal memory")
+    raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of fine-grained memory")
 
 
 class SharedBuffers:

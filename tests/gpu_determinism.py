@@ -121,8 +121,9 @@ def nccl_contrast(comm, seed: int = 77) -> dict:
     import cupy as cp
     from cupy.cuda import nccl
 
-    uid = comm._rdv.exchange(nccl.get_unique_id() if comm.rank == 0 else None)[0]
-    nc = nccl.NcclCommunicator(comm.world_size, uid, comm.rank)
+    from detar_cupy.benchmark import _nccl_comm
+
+    nc = _nccl_comm(comm)
     total = 1 << 24
     host = _inputs(seed, comm.world_size, total, "float16")
     x = cp.asarray(host[comm.rank])

@@ -1,4 +1,4 @@
-"""Command line: ``python -m detar_cupy [doctor | verify | bench]``.
+"""Command line: ``python -m detar_cupy [doctor | compile | verify | bench]``.
 
 With no command: on a machine with 2 or more GPUs, spawn one rank per GPU, run a short
 determinism check and a short benchmark against NCCL, and print the tables; otherwise print what
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("doctor", help="devices, P2P matrix, compile every kernel")
+    p_compile = sub.add_parser("compile", help="fill CuPy's kernel cache ahead of the first call")
+    p_compile.add_argument("--worlds", default=None,
+                           help="comma-separated world sizes (default: 1 to the GPU count)")
+    p_compile.add_argument("--jobs", type=int, default=None, help="processes (default: CPUs)")
     p_verify = sub.add_parser("verify", help="short determinism check on all GPUs")
     p_bench = sub.add_parser("bench", help="benchmark against NCCL")
     for p in (p_verify, p_bench):
@@ -101,11 +105,21 @@ def main(argv: list[str] | None = None) -> int:
 
         benchmark.run(world, sizes=[s for s in benchmark.DEFAULT_SIZES if s <= 16 << 20])
         return 0 if ok else 1
-    if gpus < 1 or (args.command != "doctor" and world < 2):
+    if gpus < 1 or (args.command not in ("doctor", "compile") and world < 2):
         print("this command needs GPUs (2 or more for verify/bench)")
         return 2
     if args.command == "doctor":
         doctor(gpus)
+        return 0
+    if args.command == "compile":
+        import os
+
+        from . import _kernels
+
+        worlds = ([int(w) for w in args.worlds.split(",")] if args.worlds
+                  else list(range(1, gpus + 1)))
+        took = _kernels.precompile(worlds, args.jobs or os.cpu_count() or 1, progress=print)
+        print(f"compiled every module for world sizes {worlds} in {took:.1f} s")
         return 0
     if args.command == "verify":
         return 0 if verify(world) else 1

@@ -6,11 +6,12 @@ out pieces of a larger one. Each rank owns
     ROCm fine-grained memory, because the local L2 only stays coherent with other agents' writes
     on coherent (fine-grained) pages and could otherwise serve a line from two calls ago; on CUDA
     ordinary device memory (the readers bypass L1 instead);
-  - a signal buffer (LL receive area + barrier flags): on ROCm fine-grained, uncached memory so
-    peers' flag stores are seen by polling loads; on CUDA ordinary device memory;
-  - a private state block (epoch, finished-block counter, error word), never shared;
-  - one mapped, pinned host word mirroring the error word, which the host reads without
-    synchronising the device.
+  - a signal buffer (LL receive area, barrier flags, call descriptors): on ROCm fine-grained,
+    uncached memory so peers' flag stores are seen by polling loads; on CUDA ordinary device
+    memory;
+  - a private state block (error word, per-block epochs), never shared;
+  - a mapped, pinned host block for the failure report (error word, the failing launch and the
+    peer's), which the host reads without synchronising the device.
 Peers' staging and signal buffers are opened once and closed by :meth:`SharedBuffers.close`.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SharedBuffers:
         self.world_size = n = rendezvous.world_size
         self._own: list[int] = []  # device allocations to free
         self._opened: list[int] = []  # peer mappings to close
-        self._host_word = 0
+        self._host_report = 0
         try:
             is_hip = bool(runtime.is_hip)
             self.stage = self._alloc(2 * stage_half_bytes, fine=is_hip, uncached=False)
@@ -71,9 +72,10 @@ class SharedBuffers:
             runtime.memset(self.signal, 0, sig_bytes)
             self.state = self._alloc(_protocol.STATE_BYTES)
             runtime.memset(self.state, 0, _protocol.STATE_BYTES)
-            self._host_word = runtime.hostAlloc(4, _HOST_ALLOC_PORTABLE_MAPPED)
-            self.error_word = ctypes.c_uint32.from_address(self._host_word)
-            self.error_word.value = 0
+            size = ctypes.sizeof(_protocol.Report)
+            self._host_report = runtime.hostAlloc(size, _HOST_ALLOC_PORTABLE_MAPPED)
+            ctypes.memset(self._host_report, 0, size)
+            self.report = _protocol.Report.from_address(self._host_report)
             runtime.deviceSynchronize()
 
             bus_id = runtime.deviceGetPCIBusId(device)
@@ -93,6 +95,7 @@ class SharedBuffers:
         except BaseException:
             self.close()
             raise
+        self.ll_bytes = ll_bytes
         self.ll_src_lines = _protocol.ll_src_lines(ll_bytes)
         self.stage_half_bytes = stage_half_bytes
 
@@ -134,17 +137,19 @@ class SharedBuffers:
 
     def fill(self, ctx: _protocol.Ctx) -> None:
         """Write every pointer and size of this communicator into ``ctx``."""
-        n, lines = self.world_size, self.ll_src_lines
-        ll_bytes = 2 * n * lines * _protocol.LINE_BYTES
-        for r in range(n):
+        start = _protocol.ll_area_bytes(self.world_size, self.ll_bytes)
+        mid = start + _protocol.START_FLAG_BYTES
+        desc = mid + _protocol.MID_FLAG_BYTES
+        for r in range(self.world_size):
             ctx.stage[r] = self.stages[r]
             ctx.ll[r] = self.signals[r]
-            ctx.start_flags[r] = self.signals[r] + ll_bytes
-            ctx.mid_flags[r] = self.signals[r] + ll_bytes + _protocol.START_FLAG_BYTES
+            ctx.start_flags[r] = self.signals[r] + start
+            ctx.mid_flags[r] = self.signals[r] + mid
+            ctx.desc[r] = self.signals[r] + desc
         ctx.state = self.state
-        ctx.host_error = self._host_word
+        ctx.report = self._host_report
         ctx.stage_half_packs = self.stage_half_bytes // 16
-        ctx.ll_src_lines = lines
+        ctx.ll_src_lines = self.ll_src_lines
         ctx.rank = self.rank
 
     def close(self) -> None:
@@ -162,9 +167,9 @@ class SharedBuffers:
             except Exception:
                 pass
         self._own = []
-        if self._host_word:
+        if self._host_report:
             try:
-                rt.freeHost(self._host_word)
+                rt.freeHost(self._host_report)
             except Exception:
                 pass
-            self._host_word = 0
+            self._host_report = 0

@@ -14,9 +14,12 @@ disk cache whenever ``name_expressions`` are used.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .dtypes import DTYPES
 
@@ -140,3 +143,22 @@ def function(key: ModuleKey, name: str) -> Any:
     """The loaded ``cupy.cuda.Function`` ``name`` of ``key`` (compiled once per process and key);
     its ``ptr`` is the driver handle the lean launcher takes."""
     return _module(key).get_function(name).kernel
+
+
+def _compile_module(key: ModuleKey) -> ModuleKey:
+    function(key, kernel_names(key)[0])  # compiles and loads the whole module
+    return key
+
+
+def precompile(world_sizes: Sequence[int], jobs: int,
+               progress: Callable[[str], Any] | None = None) -> float:
+    """Compile every module of ``world_sizes`` in ``jobs`` processes (on the current GPU's
+    architecture), filling CuPy's disk cache so that no rank pays the first-use compile (3-6 s per
+    module) inside its first collective, where a slow rank keeps its peers waiting. Seconds taken."""
+    keys = [k for k in module_keys() if k.world_size in world_sizes]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for i, key in enumerate(pool.map(_compile_module, keys), 1):
+            if progress is not None:
+                progress(f"[{i}/{len(keys)}] {key.dtype or 'data movers'} n={key.world_size}")
+    return time.perf_counter() - start

@@ -8,6 +8,7 @@ Every kernel has the same signature: (Ctx, const void* in, void* out, u64 count,
 from __future__ import annotations
 
 import ctypes
+import struct
 from typing import Callable
 
 from ._protocol import Ctx
@@ -44,26 +45,24 @@ def _driver_launch() -> _LaunchFn:
 
 
 class Launcher:
-    """Kernel parameters packed once; :meth:`launch` updates five scalars and launches."""
+    """Kernel parameters packed once. Per launch only the five call scalars change: they live in
+    one buffer that :attr:`pack` rewrites in a single call, and the parameter array handed to the
+    driver points into it (the driver copies the parameters at launch, so reuse is safe)."""
+
+    _CALL = struct.Struct("<QQQQI")  # in, out, count, aux, sig
 
     def __init__(self, ctx: Ctx) -> None:
-        self._launch = _driver_launch()
+        self.launch_kernel = _driver_launch()
         self.ctx = ctx
-        self._in = ctypes.c_void_p()
-        self._out = ctypes.c_void_p()
-        self._count = ctypes.c_uint64()
-        self._aux = ctypes.c_uint64()
-        self._sig = ctypes.c_uint32()
-        params = (ctx, self._in, self._out, self._count, self._aux, self._sig)
-        self._params = (ctypes.c_void_p * len(params))(*(ctypes.addressof(p) for p in params))
-        self._params_ptr = ctypes.addressof(self._params)
+        self.buf = (ctypes.c_uint64 * 5)()
+        base = ctypes.addressof(self.buf)
+        params = [ctypes.addressof(ctx)] + [base + off for off in (0, 8, 16, 24, 32)]
+        self._params = (ctypes.c_void_p * len(params))(*params)
+        self.params = ctypes.addressof(self._params)
+        self.pack = self._CALL.pack_into
 
     def launch(self, func: int, grid: int, block: int, stream: int, in_ptr: int, out_ptr: int,
                count: int, aux: int, sig: int) -> None:
-        """Launch kernel handle ``func`` on ``stream``; the driver copies the parameters."""
-        self._in.value = in_ptr
-        self._out.value = out_ptr
-        self._count.value = count
-        self._aux.value = aux
-        self._sig.value = sig
-        self._launch(func, grid, 1, 1, block, 1, 1, 0, stream, self._params_ptr, 0)
+        """Launch kernel handle ``func`` on ``stream`` (the hot path inlines these two calls)."""
+        self.pack(self.buf, 0, in_ptr, out_ptr, count, aux, sig)
+        self.launch_kernel(func, grid, 1, 1, block, 1, 1, 0, stream, self.params, 0)

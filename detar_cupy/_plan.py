@@ -18,15 +18,16 @@ ALGORITHMS = ("auto", "ll", "one_shot", "two_shot")
 LL_THREADS = 256
 THREADS = _kernels.THREADS
 
-# Largest message (bytes) for which `auto` picks ll, then one_shot; two_shot above. From the
-# fp16 graph-replay benchmark on H100 NVLink (bench/NOTES.md, v2): one_shot was at least as fast
-# as ll at every size, so ll is never chosen; two_shot overtakes one_shot between 4 and 16 MiB on
-# 2 GPUs and between 1 and 4 MiB on 4. World sizes not listed use the nearest smaller one; 3 and
-# 8 are interpolated, not measured.
+# Largest message (bytes) for which `auto` picks ll, then one_shot; two_shot above. Measured
+# with the fp16/bf16 graph-replay benchmark (bench/NOTES.md). 2 GPUs (v3, H200 NVLink): ll was
+# the fastest up to 64 KiB and no faster than one_shot at 256 KiB (128 KiB is interpolated),
+# one_shot up to 4 MiB, two_shot from 16 MiB. 4 GPUs (v3, H200): one_shot was the fastest up to
+# 256 KiB (ll never: its flag words double the traffic to three peers), two_shot from 1 MiB.
+# World sizes not listed use the nearest smaller one; 3 and 8 are interpolated, not measured.
 AUTO_THRESHOLDS = {
-    2: (0, 8 << 20),
+    2: (128 << 10, 8 << 20),
     3: (0, 2 << 20),
-    4: (0, 1 << 20),
+    4: (0, 512 << 10),
     8: (0, 256 << 10),
 }
 
@@ -88,6 +89,8 @@ def all_reduce(geom: Geometry, dtype: str, op: str, count: int, algorithm: str) 
     k = 16 // dt.itemsize  # elements per 16-byte pack
     if algorithm == "auto":
         algorithm = choose_algorithm(count * dt.itemsize, n)
+        if algorithm == "ll" and count * dt.itemsize > geom.ll_bytes:
+            algorithm = "one_shot"  # a smaller DETAR_LL_BYTES: one LL launch would not hold it
     if n == 1:
         algorithm = "one_shot"  # a copy (with the contract's conversions); no peer to push to
     half_packs = geom.stage_half_bytes // 16

@@ -14,6 +14,7 @@ from .errors import CommunicatorClosedError, CupyMissingError, MismatchError
 DEFAULT_STAGING_BYTES = 32 << 20  # per parity half; larger calls are cut into chunks
 DEFAULT_LL_BYTES = 256 << 10  # largest message one LL launch carries
 DEFAULT_TIMEOUT_S = 300.0  # device-side spin bound; a peer slower than this is declared gone
+PLAN_CACHE = 4096  # plans kept per communicator (one per collective, dtype, op, count, algorithm)
 
 
 _DTYPE_NAMES: dict = {}  # array dtype object -> table name: numpy builds dtype.name in Python
@@ -80,16 +81,16 @@ class Communicator:
             raise MismatchError(f"ranks disagree on buffer sizes or platform: {configs}")
         self._buffers = SharedBuffers(rendezvous, device, stage, ll)
         self._closed = False
-        self._error_word = self._buffers.error_word
+        self._report = self._buffers.report
         self._ctx = Ctx()
         self._buffers.fill(self._ctx)
         self._launcher = Launcher(self._ctx)
+        self._current_stream = cupy.cuda.get_current_stream
         self.timeout = timeout
         sms = self.device.attributes["MultiProcessorCount"]
         self._geom = _plan.Geometry(self.world_size, stage, ll, min(_kernels.MAX_BLOCKS, sms))
         self._plans: dict[tuple, tuple] = {}
         self._failure: Exception | None = None
-        self._last_call: tuple = ("no call yet",)
         rendezvous.barrier()
         return self
 
@@ -125,16 +126,13 @@ class Communicator:
     def check(self) -> None:
         """Raise the communicator's sticky error (peer timeout, mismatch) if one happened.
 
-        Reads a host-mapped word the kernels write: no device synchronisation."""
+        Reads a host-mapped report the kernels write: no device synchronisation."""
         if self._closed:
             raise CommunicatorClosedError("the communicator is closed")
         if self._failure is None:
-            word = self._error_word.value
-            if word == 0:
+            if self._report.word == 0:
                 return
-            last = self._last_call
-            call = last[0] if len(last) == 1 else f"{last[0]}{last[1:]!r}"
-            self._failure = decode_error(word, self.rank, self.timeout, call)
+            self._failure = decode_error(self._report, self.rank, self.timeout)
         raise self._failure
 
     def synchronize(self, stream: Any = None) -> None:
@@ -155,7 +153,7 @@ class Communicator:
     # ---- argument handling ---------------------------------------------------------------------
     def _stream(self, stream: Any) -> int:
         if stream is None:
-            return self._cupy.cuda.get_current_stream().ptr
+            return self._current_stream().ptr
         if isinstance(stream, int):
             return stream
         ptr = getattr(stream, "ptr", None)
@@ -174,7 +172,7 @@ class Communicator:
         if mem.device_id != self._device_id:
             raise ValueError(f"{what} is on GPU {mem.device_id} but this rank's communicator "
                              f"uses GPU {self._device_id}")
-        if not a.flags.c_contiguous:
+        if not a._c_contiguous:  # a.flags builds a Flags object per call
             raise ValueError(f"{what} must be C-contiguous (got strides {a.strides}); pass "
                              "cupy.ascontiguousarray(x)")
         if dtype is None:
@@ -209,23 +207,33 @@ class Communicator:
             raise ValueError(f"out_array has {out_size} elements, expected {size}")
         return out
 
-    def _enter(self, desc: str) -> None:
-        """Refuse calls on a closed or failed communicator (one attribute read when healthy)."""
+    def _refuse(self, desc: str) -> None:
+        """Raise why this communicator takes no more calls (closed, or its sticky failure).
+        Callers test ``_closed or _failure is not None or _report.word`` inline first."""
         if self._closed:
             raise CommunicatorClosedError(f"{desc}: the communicator is closed")
-        if self._failure is not None or self._error_word.value:
-            self.check()
+        self.check()
 
     def _run(self, plan: tuple, stream: int, in_ptr: int, out_ptr: int) -> None:
-        launch = self._launcher.launch
+        lc = self._launcher
+        pack, buf, launch, params = lc.pack, lc.buf, lc.launch_kernel, lc.params
         for f, grid, block, in_off, out_off, count, aux, sig in plan:
-            launch(f, grid, block, stream, in_ptr + in_off, out_ptr + out_off, count, aux, sig)
+            pack(buf, 0, in_ptr + in_off, out_ptr + out_off, count, aux, sig)
+            launch(f, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
 
     def _compile(self, launches: tuple) -> tuple:
         """Resolve a plan's kernels to driver handles (compiling a module on first use)."""
         with self.device:
             return tuple((_kernels.function(l.module, l.kernel).ptr, l.grid, l.block, l.in_offset,
                           l.out_offset, l.count, l.aux, l.sig) for l in launches)
+
+    def _remember(self, key: tuple, plan: tuple) -> tuple:
+        """Cache ``plan``; past PLAN_CACHE entries the oldest goes (workloads with ever-new
+        batch sizes would otherwise grow the cache without bound)."""
+        if len(self._plans) >= PLAN_CACHE:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = plan
+        return plan
 
     @staticmethod
     def _check_overlap(a_ptr: int, a_bytes: int, b_ptr: int, b_bytes: int) -> None:
@@ -241,7 +249,8 @@ class Communicator:
         ranks 0..N-1 (see detar_cupy.reference). ``algorithm``: auto, ll, one_shot, two_shot —
         all give identical bits. ``dtype`` names the element type of a raw buffer (e.g.
         ``"bfloat16"`` for a uint16/int16 view)."""
-        self._enter("all_reduce")
+        if self._closed or self._failure is not None or self._report.word:
+            self._refuse("all_reduce")
         x, in_ptr, count, name = self._array(in_array, dtype, "in_array")
         key = ("ar", name, op, algorithm, count)
         plan = self._plans.get(key)
@@ -250,8 +259,8 @@ class Communicator:
             if algorithm not in _plan.ALGORITHMS:
                 raise ValueError(f"unknown algorithm {algorithm!r}; one of "
                                  f"{', '.join(_plan.ALGORITHMS)}")
-            plan = self._plans[key] = self._compile(
-                _plan.all_reduce(self._geom, name, op, count, algorithm))
+            plan = self._remember(key, self._compile(
+                _plan.all_reduce(self._geom, name, op, count, algorithm)))
         if out_array is in_array:  # in place: already checked
             out, out_ptr = x, in_ptr
         else:
@@ -259,7 +268,6 @@ class Communicator:
                    else self._output(out_array, count, name, dtype))
             out_ptr = out.data.ptr
             self._check_overlap(in_ptr, count * x.itemsize, out_ptr, count * x.itemsize)
-        self._last_call = ("all_reduce", count, name, op, algorithm)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
@@ -267,7 +275,8 @@ class Communicator:
                        op: str = "sum", stream: Any = None, *, dtype: str | None = None) -> Any:
         """Rank r receives elements [r*count, (r+1)*count) of the all-reduce of the ranks'
         ``in_array`` (N*count elements each), with the same bits as all_reduce gives them."""
-        self._enter("reduce_scatter")
+        if self._closed or self._failure is not None or self._report.word:
+            self._refuse("reduce_scatter")
         x, in_ptr, total, name = self._array(in_array, dtype, "in_array")
         n = self.world_size
         if count is None:
@@ -282,13 +291,12 @@ class Communicator:
         plan = self._plans.get(key)
         if plan is None:
             lookup(name, op)
-            plan = self._plans[key] = self._compile(
-                _plan.reduce_scatter(self._geom, name, op, count))
+            plan = self._remember(key, self._compile(
+                _plan.reduce_scatter(self._geom, name, op, count)))
         out = (self._cupy.empty(count, dtype=x.dtype) if out_array is None
                else self._output(out_array, count, name, dtype))
         out_ptr = out.data.ptr
         self._check_overlap(in_ptr, total * x.itemsize, out_ptr, count * x.itemsize)
-        self._last_call = ("reduce_scatter", count, name, op)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
@@ -296,7 +304,8 @@ class Communicator:
                    stream: Any = None) -> Any:
         """Every rank receives the concatenation of all ranks' ``in_array`` (``count`` elements
         each, default in_array.size) in rank order."""
-        self._enter("all_gather")
+        if self._closed or self._failure is not None or self._report.word:
+            self._refuse("all_gather")
         x, in_ptr, size, name = self._array(in_array, None, "in_array")
         count = size if count is None else count
         if count > size:
@@ -305,27 +314,26 @@ class Communicator:
         key = ("ag", x.itemsize, count)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._compile(
-                _plan.moving(self._geom, "all_gather", x.itemsize, count))
+            plan = self._remember(key, self._compile(
+                _plan.moving(self._geom, "all_gather", x.itemsize, count)))
         out = (self._cupy.empty(total, dtype=x.dtype) if out_array is None
                else self._output(out_array, total, name, None))
         out_ptr = out.data.ptr
         self._check_overlap(in_ptr, count * x.itemsize, out_ptr, total * x.itemsize)
-        self._last_call = ("all_gather", count, name)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
     def broadcast(self, in_out_array: Any, root: int = 0, stream: Any = None) -> Any:
         """Copy rank ``root``'s ``in_out_array`` into every rank's ``in_out_array``."""
-        self._enter("broadcast")
+        if self._closed or self._failure is not None or self._report.word:
+            self._refuse("broadcast")
         if not 0 <= root < self.world_size:
             raise ValueError(f"root {root} is not a rank of this world of {self.world_size}")
         x, ptr, count, _ = self._array(in_out_array, None, "in_out_array")
         key = ("bc", x.itemsize, count, root)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._compile(
-                _plan.moving(self._geom, "broadcast", x.itemsize, count, root))
-        self._last_call = ("broadcast", count, x.dtype, root)
+            plan = self._remember(key, self._compile(
+                _plan.moving(self._geom, "broadcast", x.itemsize, count, root)))
         self._run(plan, self._stream(stream), ptr, ptr)
         return x

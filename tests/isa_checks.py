@@ -145,7 +145,7 @@ def check_ptx_kernel(name: str, body: str) -> KernelReport:
         if _PTX_SYS_FENCE.match(op):
             rep.sys_release += 1
             rep.sys_acquire += 1
-        if _PTX_VEC_LOAD.match(op):
+        if _PTX_VEC_LOAD.match(op) and ".volatile." not in op:  # volatile: LL lines, not data
             rep.vector_loads += 1
         if _PTX_NC_LOAD.match(op) and (barriers_in(name) or "_ll" in name):
             rep.violations.append(f"non-coherent load (peers write staging during the kernel, "

@@ -5,14 +5,23 @@
 #define MAX_N 8
 #define MAX_BLOCKS 128
 
-// Error word: code | peer << 8 | where << 16. Mirrored into mapped host memory so the host can
-// read it without synchronising the device. Must match _protocol.py.
+// Error word: code | peer << 8 | where << 16. Must match _protocol.py.
 #define ERR_TIMEOUT 1u
 #define ERR_MISMATCH 2u
 #define AT_START 1u
 #define AT_MID 2u
 #define AT_LL_HEADER 3u
 #define AT_LL_DATA 4u
+
+// What the host reads after a failure, in mapped host memory (layout: _protocol.Report). The
+// word is written last, so a host that sees it nonzero also sees the rest.
+struct Report {
+  u32_t word;
+  u32_t epoch;       // the failing launch's number on this communicator
+  u32_t sig, peer_sig;
+  u64_t count, aux;  // this rank's launch
+  u64_t peer_count, peer_aux;  // the peer's, from its descriptor lines (mismatch only)
+};
 
 // Everything about the communicator a kernel needs, passed by value (kernel parameter space is
 // the fastest place for it; no dependent load before the first remote access). Layout must match
@@ -22,19 +31,54 @@ struct Ctx {
   line_t* ll[MAX_N];          // each rank's LL receive area: [parity][source][lines]
   u64_t* start_flags[MAX_N];  // each rank's start-barrier flags: [block][source] = epoch | sig << 32
   u32_t* mid_flags[MAX_N];    // each rank's mid-barrier flags:   [block][source] = epoch
-  u32_t* state;               // this rank: [0] last epoch, [1] blocks finished, [2] error word
-  u32_t* host_error;          // this rank's error word in mapped host memory
+  line_t* desc[MAX_N];        // each rank's call descriptors: [parity][source] x 2 lines
+  u32_t* state;               // this rank: [0] error word, [4 + b] epoch seen by block b
+  Report* report;             // this rank's failure report in mapped host memory
   u64_t stage_half_packs;     // 16-byte packs in one staging half
   u64_t ll_src_lines;         // lines per source per parity: MAX_BLOCKS headers, then data
   u64_t timeout_ns;           // bound on every spin-wait
   i32_t rank;
   u32_t reserved;
 };
+static_assert(sizeof(Report) == 48 && sizeof(Ctx) == 5 * MAX_N * 8 + 6 * 8,
+              "layouts must match _protocol.Report and _protocol.Ctx");
 
-DEV void report(const Ctx& c, u32_t code, u32_t peer, u32_t where) {
+// A launch as its peers see it: the signature (kind, dtype, op, hash of count and aux) travels
+// with every flag; count and aux travel in full in the descriptor lines, read only to explain a
+// mismatch.
+struct Call {
+  u32_t epoch, sig;
+  u64_t count, aux;
+};
+
+// The peer's descriptor for this epoch, waiting (bounded) for its lines to land: they are
+// relaxed LL-style lines with no ordering against the flag that revealed the mismatch.
+DEV bool read_desc(const Ctx& c, int peer, const Call& k, u64_t* count, u64_t* aux) {
+  const line_t* d = c.desc[c.rank] + ((u64_t)(k.epoch & 1u) * MAX_N + peer) * 2;
+  const u64_t end = now_ns() + c.timeout_ns;
+  for (;;) {
+    const line_t a = line_load(d), b = line_load(d + 1);
+    if (a.f0 == k.epoch && a.f1 == k.epoch && b.f0 == k.epoch && b.f1 == k.epoch) {
+      *count = (u64_t)a.d0 | ((u64_t)a.d1 << 32);
+      *aux = (u64_t)b.d0 | ((u64_t)b.d1 << 32);
+      return true;
+    }
+    if (now_ns() > end) return false;
+  }
+}
+
+DEV void report(const Ctx& c, const Call& k, u32_t code, u32_t peer, u32_t where, u32_t peer_sig) {
   const u32_t word = code | (peer << 8) | (where << 16);
-  // First error wins and stays: later calls see it and the host raises it.
-  if (atomicCAS(c.state + 2, 0u, word) == 0u) store_relaxed_sys(c.host_error, word);
+  // First error wins and stays: later launches see it and the host raises it.
+  if (atomicCAS(c.state, 0u, word) != 0u) return;
+  Report* r = c.report;
+  u64_t pc = 0, pa = 0;
+  if (code == ERR_MISMATCH && !read_desc(c, (int)peer, k, &pc, &pa)) pc = pa = ~0ull;
+  r->epoch = k.epoch; r->sig = k.sig; r->peer_sig = peer_sig;
+  r->count = k.count; r->aux = k.aux; r->peer_count = pc; r->peer_aux = pa;
+  // The details reach host memory before the word that tells the host to read them.
+  __threadfence_system();
+  store_relaxed_sys(&r->word, word);
 }
 
 // Bounds a spin-wait: every 256 polls it checks whether this rank already failed (another block
@@ -44,43 +88,64 @@ struct Waiter {
   u64_t deadline;
   u32_t polls;
   DEV Waiter() : deadline(0), polls(0) {}
-  DEV bool give_up(const Ctx& c, u32_t peer, u32_t where) {
+  DEV bool give_up(const Ctx& c, const Call& k, u32_t peer, u32_t where) {
     if ((++polls & 255u) != 0u) return false;
-    if (load_relaxed_dev(c.state + 2) != 0u) return true;
+    if (load_relaxed_dev(c.state) != 0u) return true;
     const u64_t t = now_ns();
     if (deadline == 0) deadline = t + c.timeout_ns;
-    else if (t > deadline) { report(c, ERR_TIMEOUT, peer, where); return true; }
+    else if (t > deadline) { report(c, k, ERR_TIMEOUT, peer, where, 0u); return true; }
     return false;
   }
 };
 
-// Epochs count calls on this communicator. They are advanced by the kernels themselves, in device
-// memory, so a captured graph replays correctly. Every block reads the epoch at entry; the last
-// block to finish publishes it, which the next launch on the stream then reads.
-DEV u32_t call_epoch(const Ctx& c) { return c.state[0] + 1u; }
+// Epochs count launches on this communicator. They are advanced by the kernels themselves, in
+// device memory, so a captured graph replays correctly. Each block keeps its own copy (slot b):
+// block b reads slot b at entry and, at exit, writes the new epoch into slots b, b + grid, ... so
+// every slot stays equal whatever grid the next launch uses. No block waits for another and no
+// atomic or fence is needed: the next launch on the stream sees all of this launch's writes.
+// Thread i writes slot b + i * grid: one store each, in parallel (a loop of 128 stores in one
+// thread of a one-block launch cost about 1.5 us).
+DEV u32_t call_epoch(const Ctx& c) { return c.state[4 + blockIdx.x] + 1u; }
 DEV void finish_call(const Ctx& c, u32_t epoch) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's reads of state[0] are done before it counts itself out
-    if (atomicAdd(c.state + 1, 1u) == gridDim.x - 1u) {
-      c.state[1] = 0u;
-      c.state[0] = epoch;
-    }
-  }
+  __syncthreads();  // every thread of the block has read its slot before it is rewritten
+  const u32_t slot = blockIdx.x + threadIdx.x * gridDim.x;
+  if (slot < MAX_BLOCKS) c.state[4 + slot] = epoch;
+}
+
+// A rank that has failed (timeout or mismatch) turns every later launch into a no-op that only
+// advances the epoch: it must not overwrite its flags with a later call's, or a peer still
+// waiting in the failed call could take the later flag for its own and go on with wrong data
+// instead of seeing the mismatch. Block-uniform, since finish_call has a block barrier.
+DEV bool already_failed(const Ctx& c) {
+  return __syncthreads_or(threadIdx.x == 0 && load_relaxed_dev(c.state) != 0u);
 }
 
 // a is at or after b, on a wrapping 32-bit counter.
 DEV bool epoch_reached(u32_t a, u32_t b) { return (i32_t)(a - b) >= 0; }
 
-// Announce this block's call to peer t on both channels: the start-barrier flag (release, so it
-// also publishes the block's copy-in) and the LL header line. A peer running the other protocol
-// (an LL kernel against a barrier kernel, e.g. different algorithms on two ranks) then still sees
-// the signature on the channel it waits on and reports a MismatchError instead of timing out.
-template <int N> DEV void announce(const Ctx& c, int t, u32_t epoch, u32_t sig) {
-  flag_store_release(c.start_flags[t] + blockIdx.x * MAX_N + c.rank, (u64_t)epoch | ((u64_t)sig << 32));
+// Announce this block's call to peer t on both channels: the start-barrier flag and the LL header
+// line. A peer running the other protocol (an LL kernel against a barrier kernel, e.g. different
+// algorithms on two ranks) then still sees the signature on the channel it waits on and reports a
+// MismatchError instead of timing out. Barrier kernels store the flag with release, which also
+// publishes the block's pushes; the LL kernel publishes nothing through it, so relaxed suffices
+// and its first data stores do not wait behind a system fence. Block 0 also sends the full call
+// descriptor, which only a mismatch report reads.
+template <int N, bool RELEASE> DEV void announce(const Ctx& c, int t, const Call& k) {
+  if (blockIdx.x == 0) {
+    line_t a, b;
+    a.d0 = (u32_t)k.count; a.f0 = k.epoch; a.d1 = (u32_t)(k.count >> 32); a.f1 = k.epoch;
+    b.d0 = (u32_t)k.aux; b.f0 = k.epoch; b.d1 = (u32_t)(k.aux >> 32); b.f1 = k.epoch;
+    line_t* d = c.desc[t] + ((u64_t)(k.epoch & 1u) * MAX_N + c.rank) * 2;
+    line_store(d, a);
+    line_store(d + 1, b);
+  }
+  u64_t* flag = c.start_flags[t] + blockIdx.x * MAX_N + c.rank;
+  const u64_t v = (u64_t)k.epoch | ((u64_t)k.sig << 32);
+  if (RELEASE) flag_store_release(flag, v);
+  else flag_store_relaxed(flag, v);
   line_t h;
-  h.d0 = sig; h.f0 = epoch; h.d1 = sig; h.f1 = epoch;
-  line_store(c.ll[t] + ((u64_t)(epoch & 1u) * N + c.rank) * c.ll_src_lines + blockIdx.x, h);
+  h.d0 = k.sig; h.f0 = k.epoch; h.d1 = k.sig; h.f1 = k.epoch;
+  line_store(c.ll[t] + ((u64_t)(k.epoch & 1u) * N + c.rank) * c.ll_src_lines + blockIdx.x, h);
 }
 
 // Start barrier between block b of every rank: thread t < N signals rank t and waits for rank t.
@@ -89,36 +154,36 @@ template <int N> DEV void announce(const Ctx& c, int t, u32_t epoch, u32_t sig) 
 // signature (count, dtype, op, algorithm); a peer in the same call with another signature is a
 // MismatchError. A peer already one call ahead has passed this call's check on its side with our
 // flag, so only an exact epoch match is compared. Returns false when this rank must stop.
-template <int N> DEV bool barrier_start(const Ctx& c, u32_t epoch, u32_t sig) {
+template <int N> DEV bool barrier_start(const Ctx& c, const Call& k) {
   __syncthreads();  // the whole block's copy-in happens before thread t's release
   bool fail = false;
   const int t = threadIdx.x;
   if (t < N && t != c.rank) {
-    announce<N>(c, t, epoch, sig);
+    announce<N, true>(c, t, k);
     const u64_t* slot = c.start_flags[c.rank] + blockIdx.x * MAX_N + t;
     Waiter w;
     u64_t got;
-    while (!epoch_reached((u32_t)(got = flag_load_acquire(slot)), epoch)) {
-      if (w.give_up(c, t, AT_START)) { fail = true; break; }
+    while (!epoch_reached((u32_t)(got = flag_load_acquire(slot)), k.epoch)) {
+      if (w.give_up(c, k, t, AT_START)) { fail = true; break; }
     }
-    if (!fail && (u32_t)got == epoch && (u32_t)(got >> 32) != sig) {
-      report(c, ERR_MISMATCH, t, AT_START);
+    if (!fail && (u32_t)got == k.epoch && (u32_t)(got >> 32) != k.sig) {
+      report(c, k, ERR_MISMATCH, t, AT_START, (u32_t)(got >> 32));
       fail = true;
     }
   }
   return !__syncthreads_or(fail);  // and: every thread's later loads follow the acquires
 }
 
-template <int N> DEV bool barrier_mid(const Ctx& c, u32_t epoch) {
+template <int N> DEV bool barrier_mid(const Ctx& c, const Call& k) {
   __syncthreads();
   bool fail = false;
   const int t = threadIdx.x;
   if (t < N && t != c.rank) {
-    flag_store_release32(c.mid_flags[t] + blockIdx.x * MAX_N + c.rank, epoch);
+    flag_store_release32(c.mid_flags[t] + blockIdx.x * MAX_N + c.rank, k.epoch);
     const u32_t* slot = c.mid_flags[c.rank] + blockIdx.x * MAX_N + t;
     Waiter w;
-    while (!epoch_reached(flag_load_acquire32(slot), epoch)) {
-      if (w.give_up(c, t, AT_MID)) { fail = true; break; }
+    while (!epoch_reached(flag_load_acquire32(slot), k.epoch)) {
+      if (w.give_up(c, k, t, AT_MID)) { fail = true; break; }
     }
   }
   return !__syncthreads_or(fail);
@@ -176,11 +241,10 @@ DEV void copy_out(const pack_t* src, char* dst, u64_t len, u64_t g0, u64_t G) {
   }
 }
 
-// User memory -> slot `slot` of the staging half of every rank in [first, last) (remote 16-byte
-// stores over NVLink/xGMI; writes are posted, so pushing beats pulling with remote loads).
+// User memory -> slot `slot` of every rank's staging half (remote 16-byte stores over
+// NVLink/xGMI; writes are posted, so pushing beats pulling with remote loads).
 template <int S, int N>
-DEV void push(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, int first, int last,
-              u64_t g0, u64_t G) {
+DEV void push(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, u64_t g0, u64_t G) {
   const int K = 16 / S;
   const bool al = aligned16(src);
   for (u64_t o = g0; o * K < len; o += UNROLL * G) {
@@ -192,9 +256,30 @@ DEV void push(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, 
     for (int u = 0; u < UNROLL; ++u) {
       if ((o + u * G) * K >= len) break;
 #pragma unroll
-      for (int q = 0; q < N; ++q)
-        if (q >= first && q < last) pack_store(c.stage[q] + half + slot + o + u * G, v[u]);
+      for (int q = 0; q < N; ++q) pack_store(c.stage[q] + half + slot + o + u * G, v[u]);
     }
+  }
+}
+
+// Slice s of user memory -> slot `slot` of rank s's staging half, for every s in one pass: each
+// step loads one pack of every slice, then stores each to its own rank. Every GPU then sends to
+// all peers at once and receives from all at once; pushing slice after slice instead makes all
+// ranks store into the same receiver, whose links become the bottleneck while the others idle.
+template <int S, int N>
+DEV void push_slices(const Ctx& c, u64_t half, const char* in, u64_t in_stride, bool two_shot,
+                     u64_t count, u64_t slice, u64_t slot, u64_t sp, u64_t g0, u64_t G) {
+  const int K = 16 / S;
+  for (u64_t o = g0; o < sp; o += G) {
+    pack_t v[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      const char* src = in + (u64_t)q * in_stride * S;
+      const u64_t len = piece_len(two_shot, count, slice, q);
+      v[q] = load_elems<S>(src, o * K, clamp_valid(len, o * K, K), aligned16(src));
+    }
+#pragma unroll
+    for (int q = 0; q < N; ++q)
+      if (o * K < piece_len(two_shot, count, slice, q)) pack_store(c.stage[q] + half + slot + o, v[q]);
   }
 }
 
@@ -220,8 +305,10 @@ enum Mode { ONE_SHOT = 1, TWO_SHOT = 2, REDUCE_SCATTER = 3, ALL_GATHER = 4, BROA
 template <class T, class Op, int N, int MODE>
 DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t aux, u32_t sig) {
   const int S = Traits<T>::S, K = 16 / S;
-  const u32_t epoch = call_epoch(c);
-  const u64_t half = (epoch & 1u) * c.stage_half_packs;
+  Call k;
+  k.epoch = call_epoch(c); k.sig = sig; k.count = count; k.aux = aux;
+  if (already_failed(c)) { finish_call(c, k.epoch); return; }
+  const u64_t half = (k.epoch & 1u) * c.stage_half_packs;
   const int rank = c.rank;
   const u64_t g0 = (u64_t)blockIdx.x * blockDim.x + threadIdx.x, G = (u64_t)gridDim.x * blockDim.x;
   const pack_t* mine = c.stage[rank] + half;
@@ -232,16 +319,14 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
   const int root = MODE == BROADCAST ? (int)aux : 0;
 
   if (sliced) {
-    const u64_t in_stride = MODE == REDUCE_SCATTER ? aux : slice;
-    for (int s = 0; s < N; ++s)
-      push<S, N>(c, half, in + (u64_t)s * in_stride * S, piece_len(MODE == TWO_SHOT, count, slice, s),
-                 (u64_t)rank * sp, s, s + 1, g0, G);
+    push_slices<S, N>(c, half, in, MODE == REDUCE_SCATTER ? aux : slice, MODE == TWO_SHOT, count,
+                      slice, (u64_t)rank * sp, sp, g0, G);
   } else if (MODE != BROADCAST) {
-    push<S, N>(c, half, in, count, (u64_t)rank * sp, 0, N, g0, G);
+    push<S, N>(c, half, in, count, (u64_t)rank * sp, g0, G);
   } else if (rank == root) {
-    push<S, N>(c, half, in, count, 0, 0, N, g0, G);
+    push<S, N>(c, half, in, count, 0, g0, G);
   }
-  if (barrier_start<N>(c, epoch, sig)) {
+  if (barrier_start<N>(c, k)) {
     if (MODE == ONE_SHOT || sliced) {
       const u64_t len = piece_len(MODE == TWO_SHOT, count, slice, MODE == ONE_SHOT ? 0 : rank);
       char* dst = MODE == TWO_SHOT ? out + (u64_t)rank * slice * S : out;
@@ -266,7 +351,7 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
         }
       }
     }
-    if (MODE == TWO_SHOT && barrier_mid<N>(c, epoch)) {
+    if (MODE == TWO_SHOT && barrier_mid<N>(c, k)) {
       for (int r = 0; r < N; ++r)
         if (r != rank)
           copy_out<S>(mine + (N + r) * sp, out + (u64_t)r * slice * S,
@@ -276,7 +361,7 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
       for (int r = 0; r < N; ++r) copy_out<S>(mine + r * sp, out + (u64_t)r * aux * S, count, g0, G);
     if (MODE == BROADCAST && (rank != root || in != out)) copy_out<S>(mine, out, count, g0, G);
   }
-  finish_call(c, epoch);
+  finish_call(c, k.epoch);
 }
 
 // LL push all-reduce for small messages. Each rank writes its packs straight into every peer's
@@ -286,14 +371,17 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
 template <class T, class Op, int N>
 DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u32_t sig) {
   const int S = Traits<T>::S, K = 16 / S;
-  const u32_t epoch = call_epoch(c);
+  Call k;
+  k.epoch = call_epoch(c); k.sig = sig; k.count = count; k.aux = 0;
+  if (already_failed(c)) { finish_call(c, k.epoch); return; }
+  const u32_t epoch = k.epoch;
   const u64_t par = (u64_t)(epoch & 1u) * N;
   const int rank = c.rank;
   const int t = threadIdx.x;
   bool fail = false;
 
   // Header line per block: the signature, so a peer in a different call is a MismatchError.
-  if (t < N && t != rank) announce<N>(c, t, epoch, sig);
+  if (t < N && t != rank) announce<N, false>(c, t, k);
   const u64_t P = (count + K - 1) / K;
   const u64_t G = (u64_t)gridDim.x * blockDim.x;
   const bool al_in = aligned16(in), al_out = aligned16(out);
@@ -318,8 +406,11 @@ DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u32
     do {
       h = line_load(hp);
       if (h.f0 == epoch && h.f1 == epoch) break;
-    } while (!(fail = w.give_up(c, t, AT_LL_HEADER)));
-    if (!fail && (h.d0 != sig || h.d1 != sig)) { report(c, ERR_MISMATCH, t, AT_LL_HEADER); fail = true; }
+    } while (!(fail = w.give_up(c, k, t, AT_LL_HEADER)));
+    if (!fail && (h.d0 != sig || h.d1 != sig)) {
+      report(c, k, ERR_MISMATCH, t, AT_LL_HEADER, h.d0);
+      fail = true;
+    }
   }
   for (u64_t j = (u64_t)blockIdx.x * blockDim.x + t; j < P && !fail; j += G) {
     const int valid = clamp_valid(count, j * K, K);
@@ -335,7 +426,7 @@ DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u32
         a = line_load(src);
         b = line_load(src + 1);
         if (a.f0 == epoch && a.f1 == epoch && b.f0 == epoch && b.f1 == epoch) break;
-        if (w.give_up(c, r, AT_LL_DATA)) { fail = true; break; }
+        if (w.give_up(c, k, r, AT_LL_DATA)) { fail = true; break; }
       }
       v[r].lo = (u64_t)a.d0 | ((u64_t)a.d1 << 32);
       v[r].hi = (u64_t)b.d0 | ((u64_t)b.d1 << 32);

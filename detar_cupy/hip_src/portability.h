@@ -105,6 +105,10 @@ DEV u64_t flag_load_acquire(const u64_t* p) {
 DEV void flag_store_release32(u32_t* p, u32_t v) {
   __hip_atomic_store(p, v, __ATOMIC_RELEASE, DETAR_FLAG_SCOPE);
 }
+// A flag that publishes nothing but itself (the LL kernel's start flag): no fence before it.
+DEV void flag_store_relaxed(u64_t* p, u64_t v) {
+  __hip_atomic_store(p, v, __ATOMIC_RELAXED, DETAR_FLAG_SCOPE);
+}
 DEV u32_t flag_load_acquire32(const u32_t* p) {
   return __hip_atomic_load(const_cast<u32_t*>(p), __ATOMIC_ACQUIRE, DETAR_FLAG_SCOPE);
 }
@@ -127,6 +131,9 @@ DEV u64_t flag_load_acquire(const u64_t* p) {
 }
 DEV void flag_store_release32(u32_t* p, u32_t v) {
   asm volatile("st.release." DETAR_FLAG_SCOPE ".global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+DEV void flag_store_relaxed(u64_t* p, u64_t v) {
+  asm volatile("st.relaxed." DETAR_FLAG_SCOPE ".global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 DEV u32_t flag_load_acquire32(const u32_t* p) {
   u32_t v;

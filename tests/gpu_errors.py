@@ -1,6 +1,13 @@
 """Bad-input checks run inside spawned ranks: each must raise the named exception with a message
-naming the problem, before anything is launched, and leave the communicator usable."""
+naming the problem, before anything is launched, and leave the communicator usable. Also the edge
+inputs that must NOT fail: empty arrays (a real, empty meeting of the ranks) and counts at and one
+past what one launch holds (chunked); and the set-ups that must fail before any work: two ranks on
+one GPU, more ranks than GPUs."""
 from __future__ import annotations
+
+import hashlib
+import time
+import traceback
 
 import numpy as np
 
@@ -17,6 +24,38 @@ def _expect(results, label, exc_type, needle, fn):
         results.append((label, False, f"wrong exception {type(exc).__name__}: {exc}"))
     else:
         results.append((label, False, "no exception"))
+
+
+LATE_S = 0.3  # how long ranks > 0 wait before an empty call that rank 0 must wait for
+
+
+def _empty_meets_peers(comm, results, label, call) -> None:
+    """``call()`` on an empty array returns an empty array of the input's dtype without error,
+    and is a real meeting: ranks > 0 arrive LATE_S late and rank 0's call must not finish before
+    them (a zero-size call that skipped its launch would return at once)."""
+    import cupy as cp
+
+    try:  # once untimed: loads the kernel module, so the timed call below is only the meeting
+        call()
+        comm.synchronize()
+    except Exception as exc:
+        results.append((label, False, f"raised {type(exc).__name__}: {exc}"))
+        return
+    comm._rdv.barrier()  # the ranks leave the host barrier together
+    if comm.rank != 0:
+        time.sleep(LATE_S)
+    start = time.perf_counter()
+    try:
+        got = call()
+        comm.synchronize()
+    except Exception as exc:
+        results.append((label, False, f"raised {type(exc).__name__}: {exc}"))
+        return
+    waited = time.perf_counter() - start
+    ok = (isinstance(got, cp.ndarray) and got.size == 0 and got.dtype == cp.float32
+          and (comm.rank != 0 or waited >= 0.8 * LATE_S))
+    results.append((label, ok, f"size {got.size} dtype {got.dtype}, rank {comm.rank} "
+                               f"waited {waited:.3f} s for peers {LATE_S} s late"))
 
 
 def bad_inputs_rank(comm):
@@ -54,6 +93,13 @@ def bad_inputs_rank(comm):
             lambda: comm.reduce_scatter(cp.ones(comm.world_size * 10 + 1, cp.float32)))
     _expect(r, "broadcast root out of range", ValueError, "root",
             lambda: comm.broadcast(x, root=comm.world_size))
+    # Empty arrays: an empty result, no error, and the call still meets the peers (rank 0 must
+    # wait for the late ones on the device).
+    empty = cp.empty(0, cp.float32)
+    _empty_meets_peers(comm, r, "empty all_reduce", lambda: comm.all_reduce(empty))
+    _empty_meets_peers(comm, r, "empty reduce_scatter", lambda: comm.reduce_scatter(empty))
+    _empty_meets_peers(comm, r, "empty all_gather", lambda: comm.all_gather(empty))
+    _empty_meets_peers(comm, r, "empty broadcast", lambda: comm.broadcast(empty))
     # The communicator still works, bit for bit, after all of that.
     inputs = [np.random.default_rng([5, q]).standard_normal(777).astype(np.float16)
               for q in range(comm.world_size)]
@@ -84,3 +130,84 @@ def world_one_rank(comm):
             want = reference.all_reduce([host])
             out.append((f"{name} {alg}", reference.bits_equal(got.view(dt), want), ""))
     return out
+
+
+# ---- capacity boundaries ----------------------------------------------------------------------
+BOUNDARY_DTYPES = ("float16", "bfloat16", "float32", "float64", "uint8")
+
+
+def capacities(world: int, itemsize: int, stage_half_bytes: int, ll_bytes: int) -> dict[str, int]:
+    """Elements one launch of each all-reduce algorithm holds, from the documented buffer layout
+    (one_shot: N slots of the chunk in a staging half; two_shot: N slots of a slice plus N gather
+    slots; ll: the LL area), written out here rather than taken from the library's plan code."""
+    k = 16 // itemsize  # elements per 16-byte pack
+    return {"one_shot": (stage_half_bytes // 16 // world) * k,
+            "two_shot": (stage_half_bytes // 16 // (2 * world)) * world * k,
+            "ll": (ll_bytes // 16) * k}
+
+
+def capacity_boundaries_rank(comm, stage_half_bytes: int, ll_bytes: int, seed: int):
+    """For every algorithm and dtype: the largest count one launch holds (one launch) and one
+    element more (two launches, i.e. chunked, not a failure), out of place and in place, bit for
+    bit against the reference. Rows: (label, ok, detail, digest of the output)."""
+    import cupy as cp
+
+    from detar_cupy.dtypes import numpy_dtype
+    from gpu_cases import random_values
+
+    world, rank = comm.world_size, comm.rank
+    rows = []
+    case = 0
+    for name in BOUNDARY_DTYPES:
+        dt = numpy_dtype(name)
+        raw = np.uint16 if name == "bfloat16" else dt  # CuPy 13 has no bfloat16
+        for alg, cap in capacities(world, dt.itemsize, stage_half_bytes, ll_bytes).items():
+            for count, launches in ((cap, 1), (cap + 1, 2)):
+                case += 1
+                host = [random_values(np.random.default_rng([seed, case, q]), name, count)
+                        for q in range(world)]
+                want = reference.all_reduce(host)
+                poison = ~want.view(f"u{dt.itemsize}")  # differs from the answer in every bit
+                x = cp.asarray(host[rank].view(raw))
+                out = cp.asarray(poison).view(raw)
+                label = f"{name} {alg} n={count} ({'cap' if launches == 1 else 'cap+1'})"
+                try:
+                    n_plans = len(comm._plans)
+                    comm.all_reduce(x, out, algorithm=alg, dtype=name)
+                    # The plan this call added (plans are cached per call shape): its launches.
+                    plans = list(comm._plans.values())
+                    n_launches = len(plans[-1]) if len(plans) > n_plans else None
+                    comm.all_reduce(x, x, algorithm=alg, dtype=name)  # in place, same plan
+                    comm.synchronize()
+                except Exception as exc:
+                    rows.append((label, False, f"raised {type(exc).__name__}: {exc}", ""))
+                    continue
+                got = cp.asnumpy(out).view(dt)
+                got_in_place = cp.asnumpy(x).view(dt)
+                ok = (reference.bits_equal(got, want) and reference.bits_equal(got_in_place, want)
+                      and n_launches == launches)
+                rows.append((label, ok, f"{n_launches} launch(es), expected {launches}",
+                             hashlib.sha256(got.tobytes()).hexdigest()[:16]))
+    return rows
+
+
+# ---- two ranks on one GPU, more ranks than GPUs ----------------------------------------------
+def same_gpu_rank(rank: int, world: int, port: int, conn) -> None:
+    """init_process_group with device 0 on every rank: must raise (RendezvousError expected)."""
+    try:
+        import detar_cupy as dc
+
+        try:
+            comm = dc.init_process_group(world, rank, port=port, device=0, timeout=30)
+        except Exception as exc:
+            conn.send({"type": type(exc).__name__, "text": str(exc)})
+            return
+        comm.close()
+        conn.send({"type": None, "text": "no error"})
+    except BaseException:
+        conn.send({"type": "crash", "text": traceback.format_exc()})
+
+
+def never_runs(comm) -> None:
+    """The fn of spawn calls that must be refused before any process starts."""
+    raise AssertionError("this rank should never have been started")

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--max-bytes", type=int, default=256 << 20)
     p_bench.add_argument("--out", default=None, help="prefix for the .json and .png files")
     p_bench.add_argument("--no-graphs", action="store_true")
+    p_bench.add_argument("--impls", default=None,
+                         help="comma-separated subset of auto,ll,one_shot,two_shot,nccl,"
+                              "torch_symm_one_shot,torch_symm_two_shot (default: all)")
     args = parser.parse_args(argv)
 
     gpus = info()
@@ -126,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     from . import benchmark
 
     sizes = [s for s in benchmark.DEFAULT_SIZES if s <= args.max_bytes]
-    benchmark.run(world, sizes=sizes, dtypes=args.dtypes.split(","), out_prefix=args.out,
-                  graphs=not args.no_graphs)
+    impls = benchmark.IMPLS if args.impls is None else tuple(args.impls.split(","))
+    unknown = sorted(set(impls) - set(benchmark.IMPLS))
+    if unknown:
+        parser.error(f"unknown --impls {', '.join(unknown)}; "
+                     f"choose from {', '.join(benchmark.IMPLS)}")
+    benchmark.run(world, sizes=sizes, dtypes=args.dtypes.split(","), impls=impls,
+                  out_prefix=args.out, graphs=not args.no_graphs)
     return 0
 
 

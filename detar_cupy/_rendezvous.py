@@ -45,7 +45,11 @@ _FAILURE = b"#detar_cupy auth key refused#"
 _NONCE_BYTES = 32
 # The handshake messages are a few dozen bytes; a larger one is not from a detar_cupy peer.
 _MAX_HANDSHAKE_BYTES = 256
-_DIAL_RETRY_S = 0.05
+# A joining rank that finds nobody listening retries after 1 ms, doubling up to 50 ms: ranks
+# started together connect within a millisecond or two of rank 0 listening, and a late rank 0 is
+# not hammered.
+_DIAL_RETRY_FIRST_S = 0.001
+_DIAL_RETRY_MAX_S = 0.05
 
 
 class Rendezvous:
@@ -442,12 +446,14 @@ def _join(world_size: int, rank: int, address: tuple[str, int], key: bytes, dead
 def _dial(rank: int, address: tuple[str, int], deadline: float, timeout: float) -> Connection:
     """Connect to rank 0, retrying until the deadline: it may not be listening yet."""
     last_error: OSError | None = None
+    pause = _DIAL_RETRY_FIRST_S
     while (remaining := deadline - time.monotonic()) > 0:
         try:
             sock = socket.create_connection(address, timeout=remaining)
         except OSError as exc:
             last_error = exc
-            time.sleep(min(_DIAL_RETRY_S, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(2 * pause, _DIAL_RETRY_MAX_S)
             continue
         sock.settimeout(None)  # reads are bounded by Connection.poll from here on
         return Connection(sock.detach())

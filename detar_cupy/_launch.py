@@ -45,9 +45,10 @@ def _driver_launch() -> _LaunchFn:
 
 
 class Launcher:
-    """Kernel parameters packed once. Per launch only the five call scalars change: they live in
-    one buffer that :attr:`pack` rewrites in a single call, and the parameter array handed to the
-    driver points into it (the driver copies the parameters at launch, so reuse is safe)."""
+    """Kernel parameters packed once; :meth:`run` launches a compiled plan. Per launch only the
+    five call scalars change: they live in one buffer that :attr:`pack` rewrites in a single call,
+    and the parameter array handed to the driver points into it (the driver copies the parameters
+    at launch, so reuse is safe)."""
 
     _CALL = struct.Struct("<QQQQI")  # in, out, count, aux, sig
 
@@ -61,8 +62,10 @@ class Launcher:
         self.params = ctypes.addressof(self._params)
         self.pack = self._CALL.pack_into
 
-    def launch(self, func: int, grid: int, block: int, stream: int, in_ptr: int, out_ptr: int,
-               count: int, aux: int, sig: int) -> None:
-        """Launch kernel handle ``func`` on ``stream`` (the hot path inlines these two calls)."""
-        self.pack(self.buf, 0, in_ptr, out_ptr, count, aux, sig)
-        self.launch_kernel(func, grid, 1, 1, block, 1, 1, 0, stream, self.params, 0)
+    def run(self, plan: tuple, stream: int, in_ptr: int, out_ptr: int) -> None:
+        """Launch every (handle, grid, block, in offset, out offset, count, aux, sig) of a
+        compiled plan on ``stream``."""
+        pack, buf, launch, params = self.pack, self.buf, self.launch_kernel, self.params
+        for f, grid, block, in_off, out_off, count, aux, sig in plan:
+            pack(buf, 0, in_ptr + in_off, out_ptr + out_off, count, aux, sig)
+            launch(f, grid, 1, 1, block, 1, 1, 0, stream, params, 0)

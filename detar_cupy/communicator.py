@@ -214,13 +214,6 @@ class Communicator:
             raise CommunicatorClosedError(f"{desc}: the communicator is closed")
         self.check()
 
-    def _run(self, plan: tuple, stream: int, in_ptr: int, out_ptr: int) -> None:
-        lc = self._launcher
-        pack, buf, launch, params = lc.pack, lc.buf, lc.launch_kernel, lc.params
-        for f, grid, block, in_off, out_off, count, aux, sig in plan:
-            pack(buf, 0, in_ptr + in_off, out_ptr + out_off, count, aux, sig)
-            launch(f, grid, 1, 1, block, 1, 1, 0, stream, params, 0)
-
     def _compile(self, launches: tuple) -> tuple:
         """Resolve a plan's kernels to driver handles (compiling a module on first use)."""
         with self.device:
@@ -268,7 +261,7 @@ class Communicator:
                    else self._output(out_array, count, name, dtype))
             out_ptr = out.data.ptr
             self._check_overlap(in_ptr, count * x.itemsize, out_ptr, count * x.itemsize)
-        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        self._launcher.run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
     def reduce_scatter(self, in_array: Any, out_array: Any = None, count: int | None = None,
@@ -297,7 +290,7 @@ class Communicator:
                else self._output(out_array, count, name, dtype))
         out_ptr = out.data.ptr
         self._check_overlap(in_ptr, total * x.itemsize, out_ptr, count * x.itemsize)
-        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        self._launcher.run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
     def all_gather(self, in_array: Any, out_array: Any = None, count: int | None = None,
@@ -320,7 +313,7 @@ class Communicator:
                else self._output(out_array, total, name, None))
         out_ptr = out.data.ptr
         self._check_overlap(in_ptr, count * x.itemsize, out_ptr, total * x.itemsize)
-        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        self._launcher.run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
     def broadcast(self, in_out_array: Any, root: int = 0, stream: Any = None) -> Any:
@@ -335,5 +328,5 @@ class Communicator:
         if plan is None:
             plan = self._remember(key, self._compile(
                 _plan.moving(self._geom, "broadcast", x.itemsize, count, root)))
-        self._run(plan, self._stream(stream), ptr, ptr)
+        self._launcher.run(plan, self._stream(stream), ptr, ptr)
         return x

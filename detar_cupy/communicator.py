@@ -17,6 +17,9 @@ DEFAULT_TIMEOUT_S = 300.0  # device-side spin bound; a peer slower than this is 
 PLAN_CACHE = 4096  # plans kept per communicator (one per collective, dtype, op, count, algorithm)
 
 
+# Settings every rank must share, in the order the ranks exchange them (then each rank's SM count).
+_SHARED_SETTINGS = ("DETAR_STAGING_BYTES", "DETAR_LL_BYTES", "DETAR_MAX_BLOCKS", "ROCm build")
+
 _DTYPE_NAMES: dict = {}  # array dtype object -> table name: numpy builds dtype.name in Python
 
 
@@ -45,7 +48,8 @@ class Communicator:
     300): a peer that never arrives makes every waiting rank raise
     :class:`~detar_cupy.PeerTimeoutError` on its next call or :meth:`check`, instead of hanging.
     Buffer sizes come from ``DETAR_STAGING_BYTES`` (per half, default 32 MiB) and
-    ``DETAR_LL_BYTES`` (default 256 KiB); every rank must use the same values.
+    ``DETAR_LL_BYTES`` (default 256 KiB), the largest grid from ``DETAR_MAX_BLOCKS`` (default
+    128, and never more than the smallest GPU's SM count); every rank must use the same values.
     """
 
     def __init__(self) -> None:
@@ -74,11 +78,21 @@ class Communicator:
         stage = _env_int("DETAR_STAGING_BYTES", DEFAULT_STAGING_BYTES) // 16 * 16
         ll = _env_int("DETAR_LL_BYTES", DEFAULT_LL_BYTES) // 16 * 16
         timeout = float(os.environ.get("DETAR_TIMEOUT", DEFAULT_TIMEOUT_S))
+        max_blocks = _env_int("DETAR_MAX_BLOCKS", _kernels.MAX_BLOCKS)
         if stage < 16 * _kernels.MAX_WORLD or ll < 16:
             raise ValueError("DETAR_STAGING_BYTES and DETAR_LL_BYTES are too small")
-        configs = rendezvous.exchange((stage, ll, cupy.cuda.runtime.is_hip))
-        if any(c != configs[0] for c in configs):
-            raise MismatchError(f"ranks disagree on buffer sizes or platform: {configs}")
+        if not 1 <= max_blocks <= _kernels.MAX_BLOCKS:
+            raise ValueError(f"DETAR_MAX_BLOCKS={max_blocks} is outside 1..{_kernels.MAX_BLOCKS}")
+        sms = self.device.attributes["MultiProcessorCount"]
+        configs = rendezvous.exchange((stage, ll, max_blocks, cupy.cuda.runtime.is_hip, sms))
+        differ = [f"{what}: " + ", ".join(f"rank {r} {c[i]}" for r, c in enumerate(configs))
+                  for i, what in enumerate(_SHARED_SETTINGS)
+                  if any(c[i] != configs[0][i] for c in configs)]
+        if differ:
+            raise MismatchError("ranks must agree on these settings: " + "; ".join(differ))
+        # Block b of every rank handles the same packs, so all ranks must launch the same grid:
+        # the cap is the smallest GPU's SM count (blocks must be co-resident while they spin).
+        grid_cap = min(max_blocks, *(c[4] for c in configs))
         self._buffers = SharedBuffers(rendezvous, device, stage, ll)
         self._closed = False
         self._report = self._buffers.report
@@ -87,8 +101,7 @@ class Communicator:
         self._launcher = Launcher(self._ctx)
         self._current_stream = cupy.cuda.get_current_stream
         self.timeout = timeout
-        sms = self.device.attributes["MultiProcessorCount"]
-        self._geom = _plan.Geometry(self.world_size, stage, ll, min(_kernels.MAX_BLOCKS, sms))
+        self._geom = _plan.Geometry(self.world_size, stage, ll, grid_cap)
         self._plans: dict[tuple, tuple] = {}
         self._failure: Exception | None = None
         rendezvous.barrier()

@@ -6,6 +6,7 @@ one GPU, more ranks than GPUs."""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import traceback
 
@@ -191,14 +192,15 @@ def capacity_boundaries_rank(comm, stage_half_bytes: int, ll_bytes: int, seed: i
     return rows
 
 
-# ---- two ranks on one GPU, more ranks than GPUs ----------------------------------------------
-def same_gpu_rank(rank: int, world: int, port: int, conn) -> None:
-    """init_process_group with device 0 on every rank: must raise (RendezvousError expected)."""
+# ---- set-ups refused at start: two ranks on one GPU, disagreeing settings ---------------------
+def _report_start(conn, world: int, rank: int, port: int, device: int) -> None:
+    """init_process_group, then send {"type", "text"}: the exception it raised ("crash" for a
+    failure outside it), or None when it started."""
     try:
         import detar_cupy as dc
 
         try:
-            comm = dc.init_process_group(world, rank, port=port, device=0, timeout=30)
+            comm = dc.init_process_group(world, rank, port=port, device=device, timeout=30)
         except Exception as exc:
             conn.send({"type": type(exc).__name__, "text": str(exc)})
             return
@@ -206,6 +208,19 @@ def same_gpu_rank(rank: int, world: int, port: int, conn) -> None:
         conn.send({"type": None, "text": "no error"})
     except BaseException:
         conn.send({"type": "crash", "text": traceback.format_exc()})
+
+
+def same_gpu_rank(rank: int, world: int, port: int, conn) -> None:
+    """init_process_group with device 0 on every rank: must raise (RendezvousError expected)."""
+    _report_start(conn, world, rank, port, 0)
+
+
+def settings_rank(rank: int, world: int, port: int, name: str, value: str, conn) -> None:
+    """init_process_group where only rank 1 sets ``name`` to ``value``: every rank must refuse
+    (MismatchError naming the setting) instead of running with disagreeing buffers or grids."""
+    if rank == 1:
+        os.environ[name] = value
+    _report_start(conn, world, rank, port, rank)
 
 
 def never_runs(comm) -> None:

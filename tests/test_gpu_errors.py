@@ -102,3 +102,19 @@ def test_more_ranks_than_gpus_is_refused_before_starting(monkeypatch: pytest.Mon
 
     text = _refused_before_start(monkeypatch, lambda: dc.spawn(gpu_errors.never_runs, GPUS + 1))
     assert f"{GPUS + 1} ranks" in text and f"only {GPUS} GPU" in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,value", [("DETAR_STAGING_BYTES", str(1 << 20)),
+                                        ("DETAR_MAX_BLOCKS", "16")])
+def test_ranks_with_different_settings_are_refused(name: str, value: str) -> None:
+    need(2)
+    port = free_ports(1)[0]
+    reports, exitcodes, wall = run_processes(gpu_errors.settings_rank, 2, (2, port, name, value),
+                                             report_within_s=60.0)
+    print(f"{name} set on rank 1 only: {reports} (exit codes {exitcodes}, {wall:.1f} s)")
+    for rank in range(2):
+        assert rank in reports, (rank, reports, exitcodes)
+        assert reports[rank]["type"] == "MismatchError", reports[rank]
+        assert name in reports[rank]["text"] and value in reports[rank]["text"], reports[rank]
+        assert exitcodes[rank] == 0, exitcodes

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_verify, p_bench):
         p.add_argument("--world", type=int, default=None, help="ranks (default: all GPUs)")
     p_bench.add_argument("--dtypes", default="float16", help="comma-separated, e.g. float16,bfloat16")
-    p_bench.add_argument("--max-bytes", type=int, default=256 << 20)
+    p_bench.add_argument("--min-bytes", type=int, default=0, help="smallest message (bytes)")
+    p_bench.add_argument("--max-bytes", type=int, default=256 << 20, help="largest message (bytes)")
     p_bench.add_argument("--out", default=None, help="prefix for the .json and .png files")
     p_bench.add_argument("--no-graphs", action="store_true")
     p_bench.add_argument("--impls", default=None,
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if verify(world) else 1
     from . import benchmark
 
-    sizes = [s for s in benchmark.DEFAULT_SIZES if s <= args.max_bytes]
+    sizes = [s for s in benchmark.DEFAULT_SIZES if args.min_bytes <= s <= args.max_bytes]
     impls = benchmark.IMPLS if args.impls is None else tuple(args.impls.split(","))
     unknown = sorted(set(impls) - set(benchmark.IMPLS))
     if unknown:

@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -293,6 +294,11 @@ def _environment(comm: Any) -> dict:
            "cupy": cp.__version__, "platform": "rocm" if rt.is_hip else "cuda",
            "runtime_version": rt.runtimeGetVersion(), "driver_api_version": rt.driverGetVersion(),
            "driver": _nvidia_driver(), "nccl": None, "torch": None,
+           # The same lent kind has measured 14-16 % apart between machines (bench/NOTES.md,
+           # v4): what each machine says about its links and virtualisation goes with its numbers.
+           "topology": command_output(["rocm-smi", "--showtopo"] if rt.is_hip
+                                      else ["nvidia-smi", "topo", "-m"]),
+           "virtualization": None if rt.is_hip else _nvidia_virtualization(),
            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
            "TORCH_SYMM_MEM_DISABLE_MULTICAST": os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")}
     try:
@@ -306,6 +312,24 @@ def _environment(comm: Any) -> dict:
     except metadata.PackageNotFoundError:
         pass
     return env
+
+
+def command_output(args: Sequence[str], timeout_s: float = 10.0) -> str | None:
+    """stdout of a diagnostic command, or None where it is missing, fails or hangs."""
+    try:
+        done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return re.sub(r"\x1b\[[0-9;]*m", "", done.stdout).strip()  # no terminal colour codes
+
+
+def _nvidia_virtualization() -> str | None:
+    """nvidia-smi's "Virtualization Mode" (e.g. Pass-Through, None) of the first GPU."""
+    text = command_output(["nvidia-smi", "-q", "-i", "0"])
+    found = re.search(r"Virtualization Mode\s*:\s*(\S[^\n]*)", text or "")
+    return found.group(1).strip() if found else None
 
 
 def _nvidia_driver() -> str | None:

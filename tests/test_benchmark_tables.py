@@ -3,6 +3,7 @@ the measurement plan, on synthetic rows including torch symmetric-memory ones.""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -116,3 +117,13 @@ def test_wrong_elements_counts_elements_not_bytes() -> None:
     assert benchmark.wrong_elements(got, want) == 2
     assert benchmark.wrong_elements(want.view(np.uint32), want) == 0  # raw bits compare alike
     assert benchmark.wrong_elements(np.empty(0, np.uint16), np.empty(0, np.float16)) == 0
+
+
+def test_command_output_is_text_or_none() -> None:
+    assert benchmark.command_output([sys.executable, "-c", "print(' topo ')"]) == "topo"
+    coloured = "print('\\x1b[4mGPU0\\x1b[0m NV18')"
+    assert benchmark.command_output([sys.executable, "-c", coloured]) == "GPU0 NV18"
+    assert benchmark.command_output([sys.executable, "-c", "import sys; sys.exit(3)"]) is None
+    assert benchmark.command_output(["detar-no-such-command"]) is None
+    assert benchmark.command_output([sys.executable, "-c", "import time; time.sleep(5)"],
+                                    timeout_s=0.2) is None

@@ -294,13 +294,14 @@ def _environment(comm: Any) -> dict:
            "cupy": cp.__version__, "platform": "rocm" if rt.is_hip else "cuda",
            "runtime_version": rt.runtimeGetVersion(), "driver_api_version": rt.driverGetVersion(),
            "driver": _nvidia_driver(), "nccl": None, "torch": None,
-           # The same lent kind has measured 14-16 % apart between machines (bench/NOTES.md,
-           # v4): what each machine says about its links and virtualisation goes with its numbers.
-           "topology": command_output(["rocm-smi", "--showtopo"] if rt.is_hip
-                                      else ["nvidia-smi", "topo", "-m"]),
-           "virtualization": None if rt.is_hip else _nvidia_virtualization(),
            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
            "TORCH_SYMM_MEM_DISABLE_MULTICAST": os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST")}
+    if comm.rank == 0:  # machine-wide facts; context() keeps rank 0's environment
+        # The same lent kind has measured 14-16 % apart between machines (bench/NOTES.md, v4):
+        # what each machine says about its links and virtualisation goes with its numbers.
+        env["topology"] = command_output(["rocm-smi", "--showtopo"] if rt.is_hip
+                                         else ["nvidia-smi", "topo", "-m"])
+        env["virtualization"] = None if rt.is_hip else _nvidia_virtualization()
     try:
         from cupy.cuda import nccl
 

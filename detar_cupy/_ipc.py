@@ -21,6 +21,7 @@ import ctypes.util
 from typing import Any
 
 from . import _protocol
+from ._sharing import SHARE_HINT
 from .errors import DetarError, RendezvousError
 
 _CUDA_IPC_LAZY_ENABLE_PEER_ACCESS = 1
@@ -51,10 +52,35 @@ def _hip_fine_grained_malloc(size: int, uncached: bool) -> int:
     raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of fine-grained memory")
 
 
+def check_devices(rank: int, device: int, bus_ids: list[str], share: bool) -> None:
+    """Refuse, before anything is allocated, two ranks on one GPU (unless ``share``: see
+    :mod:`detar_cupy._sharing`) and GPUs that cannot reach each other. ``bus_ids``: every rank's
+    PCI bus id, in rank order."""
+    from cupy.cuda import runtime as rt
+
+    seen: dict[str, int] = {}
+    for r, bus in enumerate(bus_ids):
+        if bus in seen and not share:
+            raise RendezvousError(f"ranks {seen[bus]} and {r} use the same GPU (PCI {bus}); one "
+                                  f"GPU per rank ({SHARE_HINT})")
+        seen.setdefault(bus, r)
+    for r, bus in enumerate(bus_ids):
+        if bus == bus_ids[rank]:
+            continue  # this rank's own GPU (itself, or a rank sharing it)
+        try:
+            peer_dev = rt.deviceGetByPCIBusId(bus)
+        except Exception:
+            continue  # not visible in this process: ipcOpenMemHandle decides
+        if not rt.deviceCanAccessPeer(device, peer_dev):
+            raise RendezvousError(
+                f"rank {rank} (GPU {device}) cannot access rank {r}'s GPU (PCI {bus}) peer to "
+                "peer; detar_cupy needs P2P (NVLink/xGMI or PCIe P2P) between all GPUs")
+
+
 class SharedBuffers:
     """This rank's buffers and its mappings of every peer's; fills a :class:`_protocol.Ctx`."""
 
-    def __init__(self, rendezvous: Any, device: int, stage_half_bytes: int, ll_bytes: int) -> None:
+    def __init__(self, rendezvous: Any, stage_half_bytes: int, ll_bytes: int) -> None:
         import cupy
         from cupy.cuda import runtime
 
@@ -78,13 +104,11 @@ class SharedBuffers:
             self.report = _protocol.Report.from_address(self._host_report)
             runtime.deviceSynchronize()
 
-            bus_id = runtime.deviceGetPCIBusId(device)
-            mine = (bus_id, bytes(runtime.ipcGetMemHandle(self.stage)),
+            mine = (bytes(runtime.ipcGetMemHandle(self.stage)),
                     bytes(runtime.ipcGetMemHandle(self.signal)))
             everyone = rendezvous.exchange(mine)
-            self._check_devices(device, [e[0] for e in everyone])
             self.stages, self.signals = [], []
-            for r, (_, stage_h, signal_h) in enumerate(everyone):
+            for r, (stage_h, signal_h) in enumerate(everyone):
                 if r == self.rank:
                     self.stages.append(self.stage)
                     self.signals.append(self.signal)
@@ -113,27 +137,6 @@ class SharedBuffers:
                 "be able to reach each other (P2P), or the ranks run on different hosts") from exc
         self._opened.append(ptr)
         return ptr
-
-    def _check_devices(self, device: int, bus_ids: list[str]) -> None:
-        """Duplicate GPUs across ranks and GPUs that cannot reach each other fail here, clearly."""
-        seen: dict[str, int] = {}
-        for r, bus in enumerate(bus_ids):
-            if bus in seen:
-                raise RendezvousError(
-                    f"ranks {seen[bus]} and {r} use the same GPU (PCI {bus}); one GPU per rank")
-            seen[bus] = r
-        rt = self._runtime
-        for r, bus in enumerate(bus_ids):
-            if r == self.rank:
-                continue
-            try:
-                peer_dev = rt.deviceGetByPCIBusId(bus)
-            except Exception:
-                continue  # not visible in this process: ipcOpenMemHandle decides
-            if not rt.deviceCanAccessPeer(device, peer_dev):
-                raise RendezvousError(
-                    f"rank {self.rank} (GPU {device}) cannot access rank {r}'s GPU (PCI {bus}) "
-                    "peer to peer; detar_cupy needs P2P (NVLink/xGMI or PCIe P2P) between all GPUs")
 
     def fill(self, ctx: _protocol.Ctx) -> None:
         """Write every pointer and size of this communicator into ``ctx``."""

@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
 from detar_cupy._rendezvous import Rendezvous, check_world, connect, pipe_mesh
+from detar_cupy._sharing import SHARE_HINT, shared_gpus_allowed
 from detar_cupy.errors import CupyMissingError, WorkerError
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ def spawn(fn: Callable[..., Any], nprocs: int | None = None, *, args: Sequence[A
     """Run ``fn(comm, *args)`` in one new process per rank and return the results in rank order.
 
     - ``nprocs``: number of ranks; default ``len(devices)`` if given, else the number of GPUs.
-    - ``devices``: the GPU of each rank (default ``0 .. nprocs-1``); no GPU may be used twice.
+    - ``devices``: the GPU of each rank (default ``0 .. nprocs-1``); no GPU may be used twice,
+      unless ``DETAR_SHARE_GPUS=1`` lets ranks share GPUs (then the default is ``rank % GPUs``;
+      see :mod:`detar_cupy._sharing`).
     - ``timeout``: seconds for the whole run (``None``: no limit). When it expires every rank is
       stopped and :class:`TimeoutError` is raised, naming the ranks that had not finished.
 
@@ -147,18 +150,22 @@ def _check_spawn_args(nprocs: int | None, devices: Sequence[int] | None, timeout
             nprocs = gpus
     if not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs must be an int >= 1, got {nprocs!r}")
-    devices = list(range(nprocs)) if devices is None else list(devices)
+    share = shared_gpus_allowed()
+    if devices is None:
+        devices = [rank % gpus for rank in range(nprocs)] if share and gpus else list(range(nprocs))
+    else:
+        devices = list(devices)
     if len(devices) != nprocs:
         raise ValueError(f"{nprocs} ranks but {len(devices)} devices: give one device per rank")
     for rank, device in enumerate(devices):
         if not isinstance(device, int) or device < 0:
             raise ValueError(f"device of rank {rank} must be an int >= 0, got {device!r}")
-        if device in devices[:rank]:
+        if device in devices[:rank] and not share:
             raise ValueError(f"device {device} is given to ranks {devices.index(device)} and "
-                             f"{rank}: each rank needs its own GPU")
+                             f"{rank}: each rank needs its own GPU ({SHARE_HINT})")
     if gpus is not None:
-        if nprocs > gpus:
-            raise ValueError(f"{nprocs} ranks but CuPy sees only {gpus} GPU(s)")
+        if nprocs > gpus and not share:
+            raise ValueError(f"{nprocs} ranks but CuPy sees only {gpus} GPU(s) ({SHARE_HINT})")
         if max(devices) >= gpus:
             raise ValueError(f"device {max(devices)} does not exist: CuPy sees {gpus} GPU(s)")
     return nprocs, devices

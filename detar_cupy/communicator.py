@@ -5,9 +5,10 @@ import os
 from typing import Any
 
 from . import _kernels, _plan
-from ._ipc import SharedBuffers
+from ._ipc import SharedBuffers, check_devices
 from ._launch import Launcher
 from ._protocol import Ctx, decode_error
+from ._sharing import SHARE_ENV, ranks_per_gpu, shared_gpus_allowed
 from .dtypes import DTYPES, dtype_name, lookup
 from .errors import CommunicatorClosedError, CupyMissingError, MismatchError
 
@@ -17,8 +18,10 @@ DEFAULT_TIMEOUT_S = 300.0  # device-side spin bound; a peer slower than this is 
 PLAN_CACHE = 4096  # plans kept per communicator (one per collective, dtype, op, count, algorithm)
 
 
-# Settings every rank must share, in the order the ranks exchange them (then each rank's SM count).
-_SHARED_SETTINGS = ("DETAR_STAGING_BYTES", "DETAR_LL_BYTES", "DETAR_MAX_BLOCKS", "ROCm build")
+# Settings every rank must share, in the order the ranks exchange them (then each rank's SM count
+# and PCI bus id).
+_SHARED_SETTINGS = ("DETAR_STAGING_BYTES", "DETAR_LL_BYTES", "DETAR_MAX_BLOCKS", "ROCm build",
+                    SHARE_ENV)
 
 _DTYPE_NAMES: dict = {}  # array dtype object -> table name: numpy builds dtype.name in Python
 
@@ -49,7 +52,8 @@ class Communicator:
     :class:`~detar_cupy.PeerTimeoutError` on its next call or :meth:`check`, instead of hanging.
     Buffer sizes come from ``DETAR_STAGING_BYTES`` (per half, default 32 MiB) and
     ``DETAR_LL_BYTES`` (default 256 KiB), the largest grid from ``DETAR_MAX_BLOCKS`` (default
-    128, and never more than the smallest GPU's SM count); every rank must use the same values.
+    128, and never more than the smallest GPU's SM count); ``DETAR_SHARE_GPUS=1`` lets ranks
+    share GPUs (for testing: slow calls). Every rank must use the same values.
     """
 
     def __init__(self) -> None:
@@ -83,17 +87,24 @@ class Communicator:
             raise ValueError("DETAR_STAGING_BYTES and DETAR_LL_BYTES are too small")
         if not 1 <= max_blocks <= _kernels.MAX_BLOCKS:
             raise ValueError(f"DETAR_MAX_BLOCKS={max_blocks} is outside 1..{_kernels.MAX_BLOCKS}")
+        share = shared_gpus_allowed()
         sms = self.device.attributes["MultiProcessorCount"]
-        configs = rendezvous.exchange((stage, ll, max_blocks, cupy.cuda.runtime.is_hip, sms))
+        runtime = cupy.cuda.runtime
+        configs = rendezvous.exchange((stage, ll, max_blocks, runtime.is_hip, share, sms,
+                                       runtime.deviceGetPCIBusId(self._device_id)))
         differ = [f"{what}: " + ", ".join(f"rank {r} {c[i]}" for r, c in enumerate(configs))
                   for i, what in enumerate(_SHARED_SETTINGS)
                   if any(c[i] != configs[0][i] for c in configs)]
         if differ:
             raise MismatchError("ranks must agree on these settings: " + "; ".join(differ))
-        # Block b of every rank handles the same packs, so all ranks must launch the same grid:
-        # the cap is the smallest GPU's SM count (blocks must be co-resident while they spin).
-        grid_cap = min(max_blocks, *(c[4] for c in configs))
-        self._buffers = SharedBuffers(rendezvous, device, stage, ll)
+        bus_ids = [c[-1] for c in configs]
+        check_devices(self.rank, self._device_id, bus_ids, share)
+        # Block b of every rank handles the same packs, so all ranks must launch the same grid.
+        # Blocks spin while they wait, so every rank's grid must fit on its GPU at once: at most
+        # the smallest SM count, divided among the ranks that share a GPU (DETAR_SHARE_GPUS).
+        per_gpu = ranks_per_gpu(bus_ids)
+        grid_cap = min(max_blocks, *(c[-2] // per_gpu for c in configs))
+        self._buffers = SharedBuffers(rendezvous, stage, ll)
         self._closed = False
         self._report = self._buffers.report
         self._ctx = Ctx()

@@ -155,3 +155,19 @@ def run_cases(comm, world: int, seed0: int):
         except Exception as exc:  # report per case; a sticky device error fails the rest loudly
             results[case.id] = (False, f"{type(exc).__name__}: {exc}", "")
     return results
+
+
+SHARED_STRIDE = 12  # the shared-GPU test runs every 12th case of the quick tier
+
+
+def run_shared_cases(comm, world: int, seed0: int):
+    """On ranks that share GPUs: (grid cap, SM count, {case id: (ok, detail, digest)}) for every
+    SHARED_STRIDE-th case of :func:`cases`."""
+    sms = comm.device.attributes["MultiProcessorCount"]
+    results = {}
+    for case in cases(world, seed0)[::SHARED_STRIDE]:
+        try:
+            results[case.id] = run_case(comm, case)
+        except Exception as exc:
+            results[case.id] = (False, f"{type(exc).__name__}: {exc}", "")
+    return comm._geom.max_grid, sms, results

@@ -66,10 +66,11 @@ def bad_inputs_rank(comm):
 
     r = []
     x = cp.arange(1000, dtype=cp.float32)
-    other = (comm.device.id + 1) % cp.cuda.runtime.getDeviceCount()
-    with cp.cuda.Device(other):
-        elsewhere = cp.ones(1000, cp.float32)
-    _expect(r, "input on another GPU", ValueError, "GPU", lambda: comm.all_reduce(elsewhere))
+    gpus = cp.cuda.runtime.getDeviceCount()
+    if gpus > 1:  # ranks sharing the only GPU (DETAR_SHARE_GPUS) have no other GPU to try
+        with cp.cuda.Device((comm.device.id + 1) % gpus):
+            elsewhere = cp.ones(1000, cp.float32)
+        _expect(r, "input on another GPU", ValueError, "GPU", lambda: comm.all_reduce(elsewhere))
     _expect(r, "non-contiguous input", ValueError, "contiguous", lambda: comm.all_reduce(x[::2]))
     _expect(r, "max of complex", TypeError, "complex64",
             lambda: comm.all_reduce(cp.ones(8, cp.complex64), op="max"))
@@ -81,7 +82,8 @@ def bad_inputs_rank(comm):
             lambda: comm.all_reduce(x, cp.empty(999, cp.float32)))
     _expect(r, "out wrong dtype", TypeError, "dtype",
             lambda: comm.all_reduce(x, cp.empty(1000, cp.float64)))
-    _expect(r, "out on another GPU", ValueError, "GPU", lambda: comm.all_reduce(x, elsewhere))
+    if gpus > 1:
+        _expect(r, "out on another GPU", ValueError, "GPU", lambda: comm.all_reduce(x, elsewhere))
     _expect(r, "out non-contiguous", ValueError, "contiguous",
             lambda: comm.all_reduce(x, cp.empty(2000, cp.float32)[::2]))
     buf = cp.arange(1001, dtype=cp.float32)
@@ -193,9 +195,10 @@ def capacity_boundaries_rank(comm, stage_half_bytes: int, ll_bytes: int, seed: i
 
 
 # ---- set-ups refused at start: two ranks on one GPU, disagreeing settings ---------------------
-def _report_start(conn, world: int, rank: int, port: int, device: int) -> None:
-    """init_process_group, then send {"type", "text"}: the exception it raised ("crash" for a
-    failure outside it), or None when it started."""
+def _report_start(conn, world: int, rank: int, port: int, device: int | None) -> None:
+    """init_process_group (``device`` None: its default, rank % GPUs), then send {"type",
+    "text"}: the exception it raised ("crash" for a failure outside it), or None when it
+    started."""
     try:
         import detar_cupy as dc
 
@@ -220,7 +223,7 @@ def settings_rank(rank: int, world: int, port: int, name: str, value: str, conn)
     (MismatchError naming the setting) instead of running with disagreeing buffers or grids."""
     if rank == 1:
         os.environ[name] = value
-    _report_start(conn, world, rank, port, rank)
+    _report_start(conn, world, rank, port, None)
 
 
 def never_runs(comm) -> None:

@@ -104,7 +104,7 @@ def exit_without_close_rank(rank: int, world: int, port: int, seed: int, conn) -
     try:
         import detar_cupy as dc
 
-        comm = dc.init_process_group(world, rank, port=port, device=rank, timeout=60)
+        comm = dc.init_process_group(world, rank, port=port, timeout=60)
         ok = _checked_all_reduce(comm, seed)
         _KEEP.append(comm)
         conn.send({"ok": ok, "reported_at": time.time()})

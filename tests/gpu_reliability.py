@@ -72,7 +72,7 @@ def dead_peer_rank(rank: int, world: int, port: int, alg: str, victim: int, seed
 
         import detar_cupy as dc
 
-        comm = dc.init_process_group(world, rank, port=port, device=rank, timeout=60)
+        comm = dc.init_process_group(world, rank, port=port, timeout=60)
         host = np.random.default_rng([seed, rank]).standard_normal(ALG_COUNT[alg])
         x = cp.asarray(host.astype(np.float32))
         out = cp.empty_like(x)

@@ -25,15 +25,21 @@ def gpu_count() -> int:
 
 
 GPUS = gpu_count()
+# DETAR_SHARE_GPUS=1 runs every world size on the GPUs there are (several ranks per GPU):
+# the same bits, much slower calls (detar_cupy._sharing).
+SHARED = os.environ.get("DETAR_SHARE_GPUS") == "1"
 
 
 def need(world: int) -> None:
-    if GPUS < world:
-        pytest.skip(f"needs {world} GPUs, found {GPUS}")
+    if GPUS < 1:
+        pytest.skip(f"needs {world} GPU(s), found none")
+    if GPUS < world and not SHARED:
+        pytest.skip(f"needs {world} GPUs, found {GPUS} (DETAR_SHARE_GPUS=1 runs it with ranks "
+                    "sharing GPUs)")
 
 
 def spawn_with_env(fn: Callable[..., Any], world: int, env: dict[str, str], args=(),
-                   timeout: float = 900.0) -> list:
+                   timeout: float = 900.0, devices: list[int] | None = None) -> list:
     """detar_cupy.spawn with ``env`` set in the ranks' environment; the whole run is bounded by
     ``timeout`` seconds (spawn stops every rank and raises TimeoutError after that)."""
     import detar_cupy as dc
@@ -41,7 +47,7 @@ def spawn_with_env(fn: Callable[..., Any], world: int, env: dict[str, str], args
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        return dc.spawn(fn, world, args=args, timeout=timeout)
+        return dc.spawn(fn, world, args=args, timeout=timeout, devices=devices)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -145,6 +145,53 @@ def test_gpu_count_checks(kw: dict[str, Any], match: str,
     assert_all_gone()
 
 
+def test_refusals_of_shared_gpus_name_the_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DETAR_SHARE_GPUS", raising=False)
+    monkeypatch.setattr(_spawn, "_cuda_device_count", lambda: 2)
+    for kw in ({"nprocs": 3}, {"nprocs": 2, "devices": [1, 1]}):
+        with pytest.raises(ValueError, match="DETAR_SHARE_GPUS=1"):
+            _spawn.spawn(workers.gather, **kw)
+    assert_all_gone()
+
+
+@pytest.mark.parametrize("gpus, nprocs, devices, want", [
+    (1, 4, None, [0, 0, 0, 0]),
+    (2, 3, None, [0, 1, 0]),
+    (2, 2, None, [0, 1]),
+    (2, 3, [1, 1, 0], [1, 1, 0]),
+])
+def test_shared_gpus_assign_devices_round_robin(gpus: int, nprocs: int, devices: Any,
+                                                want: list[int],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DETAR_SHARE_GPUS", "1")
+    monkeypatch.setattr(_spawn, "_cuda_device_count", lambda: gpus)
+    assert _spawn._check_spawn_args(nprocs, devices, None, real_gpus=True) == (nprocs, want)
+    with pytest.raises(ValueError, match=f"device {gpus} does not exist"):
+        _spawn._check_spawn_args(2, [0, gpus], None, real_gpus=True)
+
+
+def test_shared_gpus_spawn_ranks_on_one_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DETAR_SHARE_GPUS", "1")
+    out = _spawn.spawn(workers.gather, 3, args=("s",), devices=[0, 0, 0], _make_comm=FAKE)
+    assert [o[2] for o in out] == [0, 0, 0]
+    assert_all_gone()
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true"])
+def test_shared_gpus_setting_must_be_0_or_1(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DETAR_SHARE_GPUS", value)
+    with pytest.raises(ValueError, match="DETAR_SHARE_GPUS must be 0 or 1"):
+        _spawn.spawn(workers.gather, 2, _make_comm=FAKE)
+    assert_all_gone()
+
+
+def test_ranks_per_gpu_counts_the_busiest_gpu() -> None:
+    from detar_cupy._sharing import ranks_per_gpu
+
+    assert ranks_per_gpu(["a", "b", "c"]) == 1
+    assert ranks_per_gpu(["a", "b", "a", "a"]) == 3
+
+
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
 def test_cupy_missing() -> None:
     with pytest.raises(CupyMissingError):

@@ -1,14 +1,13 @@
 """The lean launch path.
 
 `RawKernel.__call__` re-packs every argument on every call (7.6-9.5 us of host time on the H100
-hosts); small all-reduces are host-bound, so the hot path packs the kernel parameters once and per
-call only rewrites the pointers and counts before one driver launch (about 4.5 us).
+hosts); small all-reduces are host-bound, so the hot path packs the kernel parameters once per plan
+and per call only rewrites the two pointers before one driver launch (about 4.5 us).
 Every kernel has the same signature: (Ctx, const void* in, void* out, u64 count, u64 aux, u32 sig).
 """
 from __future__ import annotations
 
 import ctypes
-import struct
 from typing import Callable
 
 from ._protocol import Ctx
@@ -45,27 +44,30 @@ def _driver_launch() -> _LaunchFn:
 
 
 class Launcher:
-    """Kernel parameters packed once; :meth:`run` launches a compiled plan. Per launch only the
-    five call scalars change: they live in one buffer that :attr:`pack` rewrites in a single call,
-    and the parameter array handed to the driver points into it (the driver copies the parameters
-    at launch, so reuse is safe)."""
-
-    _CALL = struct.Struct("<QQQQI")  # in, out, count, aux, sig
+    """Launches whose parameters are packed once, when a plan is made (:meth:`prepare`): each
+    launch owns its parameter block, and per call only its two pointers are rewritten before the
+    driver launch (the driver copies the parameters at launch, so rewriting them is safe)."""
 
     def __init__(self, ctx: Ctx) -> None:
         self.launch_kernel = _driver_launch()
-        self.ctx = ctx
-        self.buf = (ctypes.c_uint64 * 5)()
-        base = ctypes.addressof(self.buf)
-        params = [ctypes.addressof(ctx)] + [base + off for off in (0, 8, 16, 24, 32)]
-        self._params = (ctypes.c_void_p * len(params))(*params)
-        self.params = ctypes.addressof(self._params)
-        self.pack = self._CALL.pack_into
+        self.ctx = ctx  # the kernels' first parameter; its address goes into every block
+
+    def prepare(self, f: int, grid: int, block: int, in_off: int, out_off: int, count: int,
+                aux: int, sig: int) -> tuple:
+        """(handle, grid, block, in offset, out offset, parameter array address, pointer slots,
+        owner): the slots are a view of the in/out pointer words, the owner keeps the parameter
+        memory alive as long as the plan."""
+        scalars = (ctypes.c_uint64 * 5)(0, 0, count, aux, sig)  # sig: a u32, little-endian
+        base = ctypes.addressof(scalars)
+        params = (ctypes.c_void_p * 6)(ctypes.addressof(self.ctx), base, base + 8, base + 16,
+                                       base + 24, base + 32)
+        slots = memoryview(scalars).cast("B").cast("Q")
+        return f, grid, block, in_off, out_off, ctypes.addressof(params), slots, (scalars, params)
 
     def run(self, plan: tuple, stream: int, in_ptr: int, out_ptr: int) -> None:
-        """Launch every (handle, grid, block, in offset, out offset, count, aux, sig) of a
-        compiled plan on ``stream``."""
-        pack, buf, launch, params = self.pack, self.buf, self.launch_kernel, self.params
-        for f, grid, block, in_off, out_off, count, aux, sig in plan:
-            pack(buf, 0, in_ptr + in_off, out_ptr + out_off, count, aux, sig)
+        """Launch every prepared launch of ``plan`` on ``stream``."""
+        launch = self.launch_kernel
+        for f, grid, block, in_off, out_off, params, slots, _ in plan:
+            slots[0] = in_ptr + in_off
+            slots[1] = out_ptr + out_off
             launch(f, grid, 1, 1, block, 1, 1, 0, stream, params, 0)

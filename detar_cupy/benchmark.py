@@ -521,13 +521,13 @@ def _host_cost(comm: Any) -> dict:
     x = cp.ones(256, cp.float16)
     for _ in range(10):
         comm.all_reduce(x, x, algorithm="ll")
-    plan = comm._plans[("ar", "float16", "sum", "ll", 256)]
-    f, grid, block, _, _, count, aux, sig = plan[0]
+    plan = comm._plans[("ar", x.dtype, None, "sum", "ll", 256)]
+    f, grid, block, _, _, params, slots, _ = plan[0]
     stream = cp.cuda.get_current_stream()
     # The floor: one driver launch of the same kernel with every parameter already packed.
-    lc, sptr, ptr = comm._launcher, stream.ptr, x.data.ptr
-    lc.pack(lc.buf, 0, ptr, ptr, count, aux, sig)
-    launch, params = lc.launch_kernel, lc.params
+    sptr, ptr = stream.ptr, x.data.ptr
+    slots[0] = slots[1] = ptr
+    launch = comm._launcher.launch_kernel
     res = {}
     for label, call in (("all_reduce", lambda: comm.all_reduce(x, x, algorithm="ll")),
                         ("bare_launch", lambda: launch(f, grid, 1, 1, block, 1, 1, 0, sptr,

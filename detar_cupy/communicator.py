@@ -68,6 +68,7 @@ class Communicator:
             raise CupyMissingError(str(exc)) from exc
         self = object.__new__(cls)
         self._closed = True  # until fully built, close() has nothing of ours to release
+        self._stopped = True  # closed or failed: the one flag the hot path tests
         self._rdv = rendezvous
         self.rank = rendezvous.rank
         self.world_size = rendezvous.world_size
@@ -110,12 +111,15 @@ class Communicator:
         self._ctx = Ctx()
         self._buffers.fill(self._ctx)
         self._launcher = Launcher(self._ctx)
+        self._run = self._launcher.run
+        # With this rank's device id: no cudaGetDevice per call, and never another GPU's stream.
         self._current_stream = cupy.cuda.get_current_stream
         self.timeout = timeout
         self._geom = _plan.Geometry(self.world_size, stage, ll, grid_cap)
         self._plans: dict[tuple, tuple] = {}
         self._failure: Exception | None = None
         rendezvous.barrier()
+        self._stopped = False
         return self
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -134,7 +138,7 @@ class Communicator:
         """Release the peers' mappings and this rank's buffers. Safe to call twice."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._stopped = True
         try:
             self.device.synchronize()  # no kernel of ours may still use the buffers
         finally:
@@ -157,12 +161,13 @@ class Communicator:
             if self._report.word == 0:
                 return
             self._failure = decode_error(self._report, self.rank, self.timeout)
+            self._stopped = True
         raise self._failure
 
     def synchronize(self, stream: Any = None) -> None:
         """Wait for this rank's work on ``stream`` (default: current), then :meth:`check`."""
         if stream is None:
-            self._cupy.cuda.get_current_stream().synchronize()
+            self._current_stream(self._device_id).synchronize()
         elif hasattr(stream, "synchronize"):  # CuPy or torch stream
             stream.synchronize()
         else:  # a raw handle
@@ -176,8 +181,9 @@ class Communicator:
 
     # ---- argument handling ---------------------------------------------------------------------
     def _stream(self, stream: Any) -> int:
+        """The handle of ``stream``; None: CuPy's current stream on this rank's GPU."""
         if stream is None:
-            return self._current_stream().ptr
+            return self._current_stream(self._device_id).ptr
         if isinstance(stream, int):
             return stream
         ptr = getattr(stream, "ptr", None)
@@ -188,9 +194,10 @@ class Communicator:
                             f"{type(stream).__name__}")
         return ptr
 
-    def _array(self, a: Any, dtype: str | None, what: str):
-        """(array, pointer, element count, dtype name) with every check a call needs."""
-        if not isinstance(a, self._ndarray):
+    def _array(self, a: Any, what: str):
+        """(array, pointer): ``a`` as a CuPy array on this rank's GPU, C-contiguous. Its dtype is
+        checked where a plan is made (plans are keyed by it)."""
+        if type(a) is not self._ndarray and not isinstance(a, self._ndarray):
             a = self._import_array(a, what)
         mem = a.data
         if mem.device_id != self._device_id:
@@ -199,14 +206,18 @@ class Communicator:
         if not a._c_contiguous:  # a.flags builds a Flags object per call
             raise ValueError(f"{what} must be C-contiguous (got strides {a.strides}); pass "
                              "cupy.ascontiguousarray(x)")
+        return a, mem.ptr
+
+    @staticmethod
+    def _element_type(a: Any, dtype: str | None) -> str:
+        """The table name of ``a``'s elements: its dtype's, or ``dtype`` (same element size)."""
         if dtype is None:
-            name = _name_of(a.dtype)
-        else:
-            name = dtype_name(dtype)
-            if DTYPES[name].itemsize != a.itemsize:
-                raise TypeError(f"dtype={name!r} has {DTYPES[name].itemsize}-byte elements but "
-                                f"{what} has {a.itemsize}-byte elements ({a.dtype})")
-        return a, mem.ptr, a.size, name
+            return _name_of(a.dtype)
+        name = dtype_name(dtype)
+        if DTYPES[name].itemsize != a.itemsize:
+            raise TypeError(f"dtype={name!r} has {DTYPES[name].itemsize}-byte elements but "
+                            f"in_array has {a.itemsize}-byte elements ({a.dtype})")
+        return name
 
     def _import_array(self, a: Any, what: str) -> Any:
         """A CuPy view of a foreign GPU array (torch, numba, …), zero copy."""
@@ -222,31 +233,36 @@ class Communicator:
         raise TypeError(f"{what} must be a GPU array (CuPy, or an object with "
                         f"__cuda_array_interface__ or __dlpack__), not {type(a).__name__}")
 
-    def _output(self, out: Any, size: int, name: str, dtype: str | None):
-        """``out`` after the same checks as an input, plus element count and dtype."""
-        out, _, out_size, out_name = self._array(out, dtype, "out_array")
-        if out_name != name:
-            raise TypeError(f"out_array has dtype {out_name}, expected {name}")
-        if out_size != size:
-            raise ValueError(f"out_array has {out_size} elements, expected {size}")
-        return out
+    def _output(self, out: Any, like: Any, size: int, dtype: str | None):
+        """(out, pointer) after the input checks, plus: ``size`` elements of ``like``'s dtype
+        (with ``dtype`` naming a raw buffer's type: of its element size)."""
+        out, ptr = self._array(out, "out_array")
+        if out.dtype != like.dtype and (dtype is None or out.itemsize != like.itemsize):
+            named = "" if dtype is None else f" ({dtype_name(dtype)} elements)"
+            raise TypeError(f"out_array has dtype {out.dtype}, expected {like.dtype}{named}")
+        if out.size != size:
+            raise ValueError(f"out_array has {out.size} elements, expected {size}")
+        return out, ptr
 
     def _refuse(self, desc: str) -> None:
         """Raise why this communicator takes no more calls (closed, or its sticky failure).
-        Callers test ``_closed or _failure is not None or _report.word`` inline first."""
+        Callers test ``_stopped or _report.word`` inline first."""
         if self._closed:
             raise CommunicatorClosedError(f"{desc}: the communicator is closed")
         self.check()
 
     def _compile(self, launches: tuple) -> tuple:
-        """Resolve a plan's kernels to driver handles (compiling a module on first use)."""
+        """Resolve a plan's kernels to driver handles (compiling a module on first use) and pack
+        each launch's parameters."""
         with self.device:
-            return tuple((_kernels.function(l.module, l.kernel).ptr, l.grid, l.block, l.in_offset,
-                          l.out_offset, l.count, l.aux, l.sig) for l in launches)
+            return tuple(self._launcher.prepare(_kernels.function(l.module, l.kernel).ptr, l.grid,
+                                                l.block, l.in_offset, l.out_offset, l.count,
+                                                l.aux, l.sig) for l in launches)
 
-    def _remember(self, key: tuple, plan: tuple) -> tuple:
-        """Cache ``plan``; past PLAN_CACHE entries the oldest goes (workloads with ever-new
-        batch sizes would otherwise grow the cache without bound)."""
+    def _remember(self, key: tuple, launches: tuple) -> tuple:
+        """Compile and cache a plan; past PLAN_CACHE entries the oldest goes (workloads with
+        ever-new batch sizes would otherwise grow the cache without bound)."""
+        plan = self._compile(launches)
         if len(self._plans) >= PLAN_CACHE:
             del self._plans[next(iter(self._plans))]
         self._plans[key] = plan
@@ -259,6 +275,9 @@ class Communicator:
                              "use out_array=in_array for in place, or separate buffers")
 
     # ---- collectives ---------------------------------------------------------------------------
+    # The hot path of every call: one sticky-state test, the array checks, one plan lookup keyed
+    # by what the plan depends on (dtype objects, not names: numpy builds dtype.name per call),
+    # the stream, and the prepared launches. Everything else happens once per plan.
     def all_reduce(self, in_array: Any, out_array: Any = None, op: str = "sum", stream: Any = None,
                    *, algorithm: str = "auto", dtype: str | None = None) -> Any:
         """Reduce ``in_array`` over all ranks into ``out_array`` (new array if None; may be
@@ -266,36 +285,39 @@ class Communicator:
         ranks 0..N-1 (see detar_cupy.reference). ``algorithm``: auto, ll, one_shot, two_shot —
         all give identical bits. ``dtype`` names the element type of a raw buffer (e.g.
         ``"bfloat16"`` for a uint16/int16 view)."""
-        if self._closed or self._failure is not None or self._report.word:
+        if self._stopped or self._report.word:
             self._refuse("all_reduce")
-        x, in_ptr, count, name = self._array(in_array, dtype, "in_array")
-        key = ("ar", name, op, algorithm, count)
+        x, in_ptr = self._array(in_array, "in_array")
+        count = x.size
+        key = ("ar", x.dtype, dtype, op, algorithm, count)
         plan = self._plans.get(key)
         if plan is None:
+            name = self._element_type(x, dtype)
             lookup(name, op)
             if algorithm not in _plan.ALGORITHMS:
                 raise ValueError(f"unknown algorithm {algorithm!r}; one of "
                                  f"{', '.join(_plan.ALGORITHMS)}")
-            plan = self._remember(key, self._compile(
-                _plan.all_reduce(self._geom, name, op, count, algorithm)))
+            plan = self._remember(key, _plan.all_reduce(self._geom, name, op, count, algorithm))
         if out_array is in_array:  # in place: already checked
             out, out_ptr = x, in_ptr
-        else:
-            out = (self._cupy.empty_like(x) if out_array is None
-                   else self._output(out_array, count, name, dtype))
+        elif out_array is None:
+            out = self._cupy.empty_like(x)
             out_ptr = out.data.ptr
+        else:
+            out, out_ptr = self._output(out_array, x, count, dtype)
             self._check_overlap(in_ptr, count * x.itemsize, out_ptr, count * x.itemsize)
-        self._launcher.run(plan, self._stream(stream), in_ptr, out_ptr)
+        self._run(plan, self._current_stream(self._device_id).ptr if stream is None
+                  else self._stream(stream), in_ptr, out_ptr)
         return out
 
     def reduce_scatter(self, in_array: Any, out_array: Any = None, count: int | None = None,
                        op: str = "sum", stream: Any = None, *, dtype: str | None = None) -> Any:
         """Rank r receives elements [r*count, (r+1)*count) of the all-reduce of the ranks'
         ``in_array`` (N*count elements each), with the same bits as all_reduce gives them."""
-        if self._closed or self._failure is not None or self._report.word:
+        if self._stopped or self._report.word:
             self._refuse("reduce_scatter")
-        x, in_ptr, total, name = self._array(in_array, dtype, "in_array")
-        n = self.world_size
+        x, in_ptr = self._array(in_array, "in_array")
+        total, n = x.size, self.world_size
         if count is None:
             if total % n:
                 raise ValueError(f"in_array has {total} elements, not a multiple of the world "
@@ -304,26 +326,29 @@ class Communicator:
         if count * n > total:
             raise ValueError(f"in_array has {total} elements, fewer than count*world_size = "
                              f"{count * n}")
-        key = ("rs", name, op, count)
+        key = ("rs", x.dtype, dtype, op, count)
         plan = self._plans.get(key)
         if plan is None:
+            name = self._element_type(x, dtype)
             lookup(name, op)
-            plan = self._remember(key, self._compile(
-                _plan.reduce_scatter(self._geom, name, op, count)))
-        out = (self._cupy.empty(count, dtype=x.dtype) if out_array is None
-               else self._output(out_array, count, name, dtype))
-        out_ptr = out.data.ptr
-        self._check_overlap(in_ptr, total * x.itemsize, out_ptr, count * x.itemsize)
-        self._launcher.run(plan, self._stream(stream), in_ptr, out_ptr)
+            plan = self._remember(key, _plan.reduce_scatter(self._geom, name, op, count))
+        if out_array is None:
+            out = self._cupy.empty(count, dtype=x.dtype)
+            out_ptr = out.data.ptr
+        else:
+            out, out_ptr = self._output(out_array, x, count, dtype)
+            self._check_overlap(in_ptr, total * x.itemsize, out_ptr, count * x.itemsize)
+        self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
     def all_gather(self, in_array: Any, out_array: Any = None, count: int | None = None,
                    stream: Any = None) -> Any:
         """Every rank receives the concatenation of all ranks' ``in_array`` (``count`` elements
         each, default in_array.size) in rank order."""
-        if self._closed or self._failure is not None or self._report.word:
+        if self._stopped or self._report.word:
             self._refuse("all_gather")
-        x, in_ptr, size, name = self._array(in_array, None, "in_array")
+        x, in_ptr = self._array(in_array, "in_array")
+        size = x.size
         count = size if count is None else count
         if count > size:
             raise ValueError(f"count={count} exceeds in_array's {size} elements")
@@ -331,26 +356,27 @@ class Communicator:
         key = ("ag", x.itemsize, count)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._remember(key, self._compile(
-                _plan.moving(self._geom, "all_gather", x.itemsize, count)))
-        out = (self._cupy.empty(total, dtype=x.dtype) if out_array is None
-               else self._output(out_array, total, name, None))
-        out_ptr = out.data.ptr
-        self._check_overlap(in_ptr, count * x.itemsize, out_ptr, total * x.itemsize)
-        self._launcher.run(plan, self._stream(stream), in_ptr, out_ptr)
+            plan = self._remember(key, _plan.moving(self._geom, "all_gather", x.itemsize, count))
+        if out_array is None:
+            out = self._cupy.empty(total, dtype=x.dtype)
+            out_ptr = out.data.ptr
+        else:
+            out, out_ptr = self._output(out_array, x, total, None)
+            self._check_overlap(in_ptr, count * x.itemsize, out_ptr, total * x.itemsize)
+        self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
     def broadcast(self, in_out_array: Any, root: int = 0, stream: Any = None) -> Any:
         """Copy rank ``root``'s ``in_out_array`` into every rank's ``in_out_array``."""
-        if self._closed or self._failure is not None or self._report.word:
+        if self._stopped or self._report.word:
             self._refuse("broadcast")
         if not 0 <= root < self.world_size:
             raise ValueError(f"root {root} is not a rank of this world of {self.world_size}")
-        x, ptr, count, _ = self._array(in_out_array, None, "in_out_array")
-        key = ("bc", x.itemsize, count, root)
+        x, ptr = self._array(in_out_array, "in_out_array")
+        key = ("bc", x.itemsize, x.size, root)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._remember(key, self._compile(
-                _plan.moving(self._geom, "broadcast", x.itemsize, count, root)))
-        self._launcher.run(plan, self._stream(stream), ptr, ptr)
+            plan = self._remember(key, _plan.moving(self._geom, "broadcast", x.itemsize, x.size,
+                                                    root))
+        self._run(plan, self._stream(stream), ptr, ptr)
         return x

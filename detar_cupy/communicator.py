@@ -91,7 +91,7 @@ class Communicator:
         share = shared_gpus_allowed()
         sms = self.device.attributes["MultiProcessorCount"]
         runtime = cupy.cuda.runtime
-        configs = rendezvous.exchange((stage, ll, max_blocks, runtime.is_hip, share, sms,
+        configs = rendezvous.exchange((stage, ll, max_blocks, runtime.is_hip, int(share), sms,
                                        runtime.deviceGetPCIBusId(self._device_id)))
         differ = [f"{what}: " + ", ".join(f"rank {r} {c[i]}" for r, c in enumerate(configs))
                   for i, what in enumerate(_SHARED_SETTINGS)

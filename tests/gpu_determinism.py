@@ -365,6 +365,9 @@ def nccl_contrast(comm: Any, seed: int) -> dict:
         return {"skipped": f"cupy.cuda.nccl unavailable: {exc}"}
     from detar_cupy.benchmark import _nccl_comm
 
+    gpus = comm._rdv.exchange(cp.cuda.runtime.deviceGetPCIBusId(comm.device.id))
+    if len(set(gpus)) < len(gpus):
+        return {"skipped": "ranks share a GPU (DETAR_SHARE_GPUS=1); NCCL needs one GPU per rank"}
     nc = _nccl_comm(comm)
     total = 1 << 24
     host = [np.random.default_rng([seed, r]).standard_normal(total).astype(np.float16)

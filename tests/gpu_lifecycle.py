@@ -74,14 +74,22 @@ def create_close_cycles(comm, cycles: int, warm: int, check_every: int) -> dict:
         return c
 
     start = time.perf_counter()
+    def measure() -> dict:
+        # Between barriers: with ranks sharing a GPU (DETAR_SHARE_GPUS) its free memory also
+        # counts the other ranks' buffers, so none may be between cycles or past the loop.
+        comm._rdv.barrier()
+        got = _resources(comm.device)
+        comm._rdv.barrier()
+        return got
+
     for i in range(warm):
         cycle(i)
-    before = _resources(comm.device)
+    before = measure()
     t0 = time.perf_counter()
     for i in range(warm, warm + cycles):
         last = cycle(i)
     seconds = time.perf_counter() - t0
-    after = _resources(comm.device)
+    after = measure()
     out: dict[str, Any] = {"cycles": cycles, "warm": warm, "seconds": seconds,
                            "total_seconds": time.perf_counter() - start,
                            "before": before, "after": after, "checks": checks}

@@ -244,6 +244,18 @@ class Communicator:
             raise ValueError(f"out_array has {out.size} elements, expected {size}")
         return out, ptr
 
+    def _result(self, out_array: Any, x: Any, in_ptr: int, in_count: int, size: int,
+                dtype: str | None):
+        """(out, pointer) for a call that reads ``in_count`` elements of ``x``: a new array of
+        ``size`` elements of its dtype, or ``out_array`` after :meth:`_output`'s checks and a
+        test that it does not overlap the elements read."""
+        if out_array is None:
+            out = self._cupy.empty(size, dtype=x.dtype)
+            return out, out.data.ptr
+        out, ptr = self._output(out_array, x, size, dtype)
+        self._check_overlap(in_ptr, in_count * x.itemsize, ptr, size * x.itemsize)
+        return out, ptr
+
     def _refuse(self, desc: str) -> None:
         """Raise why this communicator takes no more calls (closed, or its sticky failure).
         Callers test ``_stopped or _report.word`` inline first."""
@@ -332,12 +344,7 @@ class Communicator:
             name = self._element_type(x, dtype)
             lookup(name, op)
             plan = self._remember(key, _plan.reduce_scatter(self._geom, name, op, count))
-        if out_array is None:
-            out = self._cupy.empty(count, dtype=x.dtype)
-            out_ptr = out.data.ptr
-        else:
-            out, out_ptr = self._output(out_array, x, count, dtype)
-            self._check_overlap(in_ptr, total * x.itemsize, out_ptr, count * x.itemsize)
+        out, out_ptr = self._result(out_array, x, in_ptr, total, count, dtype)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 
@@ -357,12 +364,7 @@ class Communicator:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._remember(key, _plan.moving(self._geom, "all_gather", x.itemsize, count))
-        if out_array is None:
-            out = self._cupy.empty(total, dtype=x.dtype)
-            out_ptr = out.data.ptr
-        else:
-            out, out_ptr = self._output(out_array, x, total, None)
-            self._check_overlap(in_ptr, count * x.itemsize, out_ptr, total * x.itemsize)
+        out, out_ptr = self._result(out_array, x, in_ptr, count, total, None)
         self._run(plan, self._stream(stream), in_ptr, out_ptr)
         return out
 

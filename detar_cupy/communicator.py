@@ -44,8 +44,9 @@ class Communicator:
     Made by :func:`detar_cupy.spawn` or :func:`detar_cupy.init_process_group`, not directly.
     Every rank must make the same calls, in the same order, with the same counts, dtypes, ops and
     algorithms (a difference raises :class:`~detar_cupy.MismatchError` on every rank). Calls are
-    asynchronous on the given stream (default: CuPy's current stream), like CuPy kernels; calls
-    on one communicator must be ordered (one stream, or streams the caller synchronises).
+    asynchronous on the given stream (default: CuPy's current stream on this rank's GPU), like
+    CuPy kernels; calls on one communicator must be ordered (one stream, or streams the caller
+    synchronises).
 
     Device-side waits are bounded by :attr:`timeout` (seconds; env ``DETAR_TIMEOUT``, default
     300): a peer that never arrives makes every waiting rank raise

@@ -148,8 +148,12 @@ def run_case(comm, case: Case):
 
 def run_cases(comm, world: int, seed0: int):
     """Every case of :func:`cases` on this rank: {case id: (ok, detail, digest)}."""
+    return _run_all(comm, cases(world, seed0))
+
+
+def _run_all(comm, selected: list[Case]):
     results = {}
-    for case in cases(world, seed0):
+    for case in selected:
         try:
             results[case.id] = run_case(comm, case)
         except Exception as exc:  # report per case; a sticky device error fails the rest loudly
@@ -164,10 +168,4 @@ def run_shared_cases(comm, world: int, seed0: int):
     """On ranks that share GPUs: (grid cap, SM count, {case id: (ok, detail, digest)}) for every
     SHARED_STRIDE-th case of :func:`cases`."""
     sms = comm.device.attributes["MultiProcessorCount"]
-    results = {}
-    for case in cases(world, seed0)[::SHARED_STRIDE]:
-        try:
-            results[case.id] = run_case(comm, case)
-        except Exception as exc:
-            results[case.id] = (False, f"{type(exc).__name__}: {exc}", "")
-    return comm._geom.max_grid, sms, results
+    return comm._geom.max_grid, sms, _run_all(comm, cases(world, seed0)[::SHARED_STRIDE])

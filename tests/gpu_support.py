@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import pytest
 
+from detar_cupy._sharing import shared_gpus_allowed
+
 sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the case modules by name
 
 
@@ -27,7 +29,7 @@ def gpu_count() -> int:
 GPUS = gpu_count()
 # DETAR_SHARE_GPUS=1 runs every world size on the GPUs there are (several ranks per GPU):
 # the same bits, much slower calls (detar_cupy._sharing).
-SHARED = os.environ.get("DETAR_SHARE_GPUS") == "1"
+SHARED = shared_gpus_allowed()
 
 
 def need(world: int) -> None:

@@ -56,7 +56,7 @@ def doctor(world: int) -> None:
     keys = [k for k in _kernels.module_keys() if k.world_size == world]
     for key in keys:
         for name in _kernels.kernel_names(key):
-            _kernels.function(key, name)
+            _kernels.function(key, name, 0)
     print(f"compiled and loaded {sum(len(_kernels.kernel_names(k)) for k in keys)} kernels "
           f"in {len(keys)} modules for world size {world}")
 

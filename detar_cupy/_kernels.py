@@ -61,11 +61,18 @@ def moving_name(itemsize: int, world_size: int, kind: str) -> str:
     return f"detar_copy{itemsize}_n{world_size}_{kind}"
 
 
+def nop_name(world_size: int) -> str:
+    """extern "C" name of the empty kernel of the data movers' module (same parameters as every
+    kernel, no work): what one pre-packed launch costs the host, for the benchmark."""
+    return f"detar_nop_n{world_size}"
+
+
 def _entries(key: ModuleKey):
     """(name, device call) for every kernel of ``key``."""
     n = key.world_size
     args = "c, (const char*)in, (char*)out, count"
     if key.dtype is None:
+        yield nop_name(n), "(void)c"  # the host-cost floor of the benchmark: a launch, no work
         for size, ctype in MOVING_SIZES.items():
             for kind in MOVING:
                 yield (moving_name(size, n, kind),
@@ -132,21 +139,30 @@ def platform() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(key: ModuleKey) -> Any:
+def _module(key: ModuleKey, device: int) -> Any:
+    # One module per GPU: a loaded module and its function handles belong to one device's
+    # context, and a handle launched in another context is invalid. CuPy's disk cache makes the
+    # second GPU's compile a cache hit.
     import cupy
 
-    return cupy.RawModule(code=render([key]), options=compile_options(platform()))
+    with cupy.cuda.Device(device):
+        return cupy.RawModule(code=render([key]), options=compile_options(platform()))
 
 
 @functools.lru_cache(maxsize=None)
-def function(key: ModuleKey, name: str) -> Any:
-    """The loaded ``cupy.cuda.Function`` ``name`` of ``key`` (compiled once per process and key);
-    its ``ptr`` is the driver handle the lean launcher takes."""
-    return _module(key).get_function(name).kernel
+def function(key: ModuleKey, name: str, device: int) -> Any:
+    """The ``cupy.cuda.Function`` ``name`` of ``key`` loaded on GPU ``device`` (compiled once per
+    process, key and device); its ``ptr`` is the driver handle the lean launcher takes."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        return _module(key, device).get_function(name).kernel
 
 
 def _compile_module(key: ModuleKey) -> ModuleKey:
-    function(key, kernel_names(key)[0])  # compiles and loads the whole module
+    import cupy
+
+    function(key, kernel_names(key)[0], cupy.cuda.Device().id)  # compiles the whole module
     return key
 
 

@@ -8,7 +8,7 @@ Every kernel has the same signature: (Ctx, const void* in, void* out, u64 count,
 from __future__ import annotations
 
 import ctypes
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ._protocol import Ctx
 
@@ -43,6 +43,20 @@ def _driver_launch() -> _LaunchFn:
     return launch
 
 
+class Prepared(NamedTuple):
+    """One launch of a plan with its parameters packed: ``slots`` is a view of the in/out pointer
+    words inside the parameter memory, ``owner`` keeps that memory alive as long as the plan."""
+
+    f: int  # driver handle of the kernel
+    grid: int
+    block: int
+    in_off: int
+    out_off: int
+    params: int  # address of the kernel's parameter-pointer array
+    slots: memoryview
+    owner: tuple
+
+
 class Launcher:
     """Launches whose parameters are packed once, when a plan is made (:meth:`prepare`): each
     launch owns its parameter block, and per call only its two pointers are rewritten before the
@@ -53,16 +67,15 @@ class Launcher:
         self.ctx = ctx  # the kernels' first parameter; its address goes into every block
 
     def prepare(self, f: int, grid: int, block: int, in_off: int, out_off: int, count: int,
-                aux: int, sig: int) -> tuple:
-        """(handle, grid, block, in offset, out offset, parameter array address, pointer slots,
-        owner): the slots are a view of the in/out pointer words, the owner keeps the parameter
-        memory alive as long as the plan."""
+                aux: int, sig: int) -> Prepared:
+        """Pack one launch's parameters (every kernel has the same signature)."""
         scalars = (ctypes.c_uint64 * 5)(0, 0, count, aux, sig)  # sig: a u32, little-endian
         base = ctypes.addressof(scalars)
         params = (ctypes.c_void_p * 6)(ctypes.addressof(self.ctx), base, base + 8, base + 16,
                                        base + 24, base + 32)
         slots = memoryview(scalars).cast("B").cast("Q")
-        return f, grid, block, in_off, out_off, ctypes.addressof(params), slots, (scalars, params)
+        return Prepared(f, grid, block, in_off, out_off, ctypes.addressof(params), slots,
+                        (scalars, params))
 
     def run(self, plan: tuple, stream: int, in_ptr: int, out_ptr: int) -> None:
         """Launch every prepared launch of ``plan`` on ``stream``."""

@@ -13,8 +13,8 @@ from . import _kernels
 from ._kernels import ModuleKey
 from ._protocol import call_signature
 from .dtypes import DTYPES, OP_CODES
+from .transports import ALGORITHMS
 
-ALGORITHMS = ("auto", "ll", "one_shot", "two_shot")
 LL_THREADS = 256
 THREADS = _kernels.THREADS
 

@@ -11,21 +11,18 @@ one another).
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Sequence
 
-SHARE_ENV = "DETAR_SHARE_GPUS"
+from ._settings import SHARE_ENV, env_flag
+
 SHARE_HINT = (f"set {SHARE_ENV}=1 to let ranks share GPUs, for testing: the bits are the same, "
               "the calls much slower")
 
 
 def shared_gpus_allowed() -> bool:
     """Whether ``DETAR_SHARE_GPUS`` lets several ranks use one GPU."""
-    value = os.environ.get(SHARE_ENV, "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{SHARE_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return env_flag(SHARE_ENV)
 
 
 def ranks_per_gpu(bus_ids: Sequence[str]) -> int:

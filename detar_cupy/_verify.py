@@ -25,7 +25,7 @@ def verify_rank(comm: Any, repeats: int = 100) -> list[tuple[str, bool]]:
             want = reference.all_reduce(inputs)
             x = cp.asarray(inputs[comm.rank])
             for alg in _ALGS:
-                if alg == "ll" and count * np_dt.itemsize > comm._geom.ll_bytes:
+                if alg == "ll" and count * np_dt.itemsize > comm.geometry.ll_bytes:
                     continue
                 out = comm.all_reduce(x, algorithm=alg)
                 first = cp.asnumpy(out)
@@ -34,7 +34,7 @@ def verify_rank(comm: Any, repeats: int = 100) -> list[tuple[str, bool]]:
                     comm.all_reduce(x, out, algorithm=alg)
                     same &= bool(cp.all(out.view(cp.uint8) == cp.asarray(first).view(cp.uint8)))
                 comm.check()
-                digests = comm._rdv.exchange(first.tobytes())
+                digests = comm.exchange(first.tobytes())
                 ok = reference.bits_equal(first, want) and same and len(set(digests)) == 1
                 results.append((f"{name} n={count} {alg}", ok))
     return results

@@ -69,7 +69,7 @@ def _nccl_comm(comm: Any):
     from cupy.cuda import nccl
 
     uid = nccl.get_unique_id() if comm.rank == 0 else None
-    uid = comm._rdv.exchange(uid)[0]
+    uid = comm.exchange(uid)[0]
     return nccl.NcclCommunicator(comm.world_size, uid, comm.rank)
 
 
@@ -94,7 +94,7 @@ def _failed_anywhere(comm: Any, reason: str | None, notes: _Notes, subject: str,
     """Whether any rank failed (``reason`` is this rank's, None if it did not); if so, the first
     rank's reason becomes the note {subject: "what: reason"} on every rank. Collective: each
     rank must reach it, so all go on alike."""
-    reasons = [r for r in comm._rdv.exchange(reason) if r is not None]
+    reasons = [r for r in comm.exchange(reason) if r is not None]
     if reasons:
         notes.add(subject, f"{what}: {reasons[0]}")
     return bool(reasons)
@@ -109,7 +109,7 @@ def _timed(comm: Any, call: Callable[[], Any], stream: Any, reps: int, repeats: 
     stream.synchronize()
     times = []
     for _ in range(repeats):
-        comm._rdv.barrier()  # start together, so rank skew is not timed
+        comm.exchange(None)  # start together (a host barrier), so rank skew is not timed
         start, stop = cp.cuda.Event(), cp.cuda.Event()
         start.record(stream)
         for _ in range(reps):
@@ -183,7 +183,7 @@ class _TorchSymm:
         self.torch, self.dist = torch, dist
         self.device = torch.device("cuda", comm.device.id)
         torch.cuda.set_device(self.device)
-        port = comm._rdv.exchange(_free_port() if comm.rank == 0 else None)[0]
+        port = comm.exchange(_free_port() if comm.rank == 0 else None)[0]
         options = {"backend": "nccl", "init_method": f"tcp://127.0.0.1:{port}",
                    "rank": comm.rank, "world_size": comm.world_size,
                    "timeout": timedelta(seconds=60)}
@@ -369,7 +369,7 @@ def run_rank(comm: Any, sizes: Sequence[int], dtypes: Sequence[str], impls: Sequ
 
     def runs(name: str, nbytes: int, impl: str) -> bool:
         if impl == "ll":
-            return nbytes <= comm._geom.ll_bytes
+            return nbytes <= comm.geometry.ll_bytes
         if impl == "nccl":
             return nc is not None and _nccl_type(name) is not None
         if impl in TORCH_IMPLS:
@@ -452,7 +452,7 @@ def _timings(comm: Any, call: Callable[[], Any], stream: Any, nbytes: int, graph
         calls = min(reps, _GRAPH_CALLS)
         graph, why = _graph(call, stream, calls)
         # Graph times only where every rank captured: a rank replaying alone would wait forever.
-        everyone = comm._rdv.exchange(why)
+        everyone = comm.exchange(why)
         if graph is not None and all(w is None for w in everyone):
             row["graph_us"] = _timed(comm, lambda: graph.launch(stream), stream, 1) / calls
         else:
@@ -515,26 +515,31 @@ def _measure_torch(comm: Any, symm: _TorchSymm, impl: str, name: str, host: np.n
 
 
 def _host_cost(comm: Any) -> dict:
-    """Host microseconds per call: our all_reduce vs a bare pre-packed launch of the same kernel."""
+    """Host microseconds per call: our all_reduce against the floor, one pre-packed driver launch
+    of a kernel with the same parameters and no work."""
     import cupy as cp
+
+    from . import _kernels
+    from ._launch import Launcher
+    from ._protocol import Ctx
 
     x = cp.ones(256, cp.float16)
     for _ in range(10):
         comm.all_reduce(x, x, algorithm="ll")
-    plan = comm._plans[("ar", x.dtype, None, "sum", "ll", 256)]
-    f, grid, block, _, _, params, slots, _ = plan[0]
+    f = _kernels.function(_kernels.ModuleKey(None, comm.world_size),
+                          _kernels.nop_name(comm.world_size), comm.device.id)
+    launcher = Launcher(Ctx())
+    p = launcher.prepare(f.ptr, 1, 256, 0, 0, 256, 0, 0)
+    launch = launcher.launch_kernel
     stream = cp.cuda.get_current_stream()
-    # The floor: one driver launch of the same kernel with every parameter already packed.
-    sptr, ptr = stream.ptr, x.data.ptr
-    slots[0] = slots[1] = ptr
-    launch = comm._launcher.launch_kernel
+    sptr = stream.ptr
     res = {}
     for label, call in (("all_reduce", lambda: comm.all_reduce(x, x, algorithm="ll")),
-                        ("bare_launch", lambda: launch(f, grid, 1, 1, block, 1, 1, 0, sptr,
-                                                       params, 0))):
+                        ("bare_launch", lambda: launch(p.f, p.grid, 1, 1, p.block, 1, 1, 0, sptr,
+                                                       p.params, 0))):
         best = []
         for _ in range(5):
-            comm._rdv.barrier()
+            comm.exchange(None)
             t0 = time.perf_counter()
             for _ in range(200):
                 call()

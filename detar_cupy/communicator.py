@@ -1,27 +1,19 @@
-"""The Communicator: argument checks, plans, launches, sticky device errors."""
+"""The Communicator: the API. Argument checks, plans keyed by call shape, sticky device errors;
+the bytes move through a transport beneath it (:mod:`detar_cupy.transports`)."""
 from __future__ import annotations
 
-import os
-from typing import Any
+import threading
+from typing import Any, Sequence
 
-from . import _kernels, _plan
-from ._ipc import SharedBuffers, check_devices
-from ._launch import Launcher
-from ._protocol import Ctx, decode_error
-from ._sharing import SHARE_ENV, ranks_per_gpu, shared_gpus_allowed
+from . import _kernels
+from ._protocol import decode_error
+from ._settings import Settings, agree, check_timeout
 from .dtypes import DTYPES, dtype_name, lookup
-from .errors import CommunicatorClosedError, CupyMissingError, MismatchError
+from .errors import CommunicatorClosedError, CupyMissingError
+from .transports import ALGORITHMS, Call
+from .transports.ipc import IpcTransport
 
-DEFAULT_STAGING_BYTES = 32 << 20  # per parity half; larger calls are cut into chunks
-DEFAULT_LL_BYTES = 256 << 10  # largest message one LL launch carries
-DEFAULT_TIMEOUT_S = 300.0  # device-side spin bound; a peer slower than this is declared gone
 PLAN_CACHE = 4096  # plans kept per communicator (one per collective, dtype, op, count, algorithm)
-
-
-# Settings every rank must share, in the order the ranks exchange them (then each rank's SM count
-# and PCI bus id).
-_SHARED_SETTINGS = ("DETAR_STAGING_BYTES", "DETAR_LL_BYTES", "DETAR_MAX_BLOCKS", "ROCm build",
-                    SHARE_ENV)
 
 _DTYPE_NAMES: dict = {}  # array dtype object -> table name: numpy builds dtype.name in Python
 
@@ -33,20 +25,17 @@ def _name_of(dtype: Any) -> str:
     return name
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return default if value is None else int(value)
-
-
 class Communicator:
     """One rank of a group of GPUs that reduce together, bit for bit deterministically.
 
     Made by :func:`detar_cupy.spawn` or :func:`detar_cupy.init_process_group`, not directly.
-    Every rank must make the same calls, in the same order, with the same counts, dtypes, ops and
-    algorithms (a difference raises :class:`~detar_cupy.MismatchError` on every rank). Calls are
-    asynchronous on the given stream (default: CuPy's current stream on this rank's GPU), like
-    CuPy kernels; calls on one communicator must be ordered (one stream, or streams the caller
-    synchronises).
+
+    Every collective method is collective: every rank must call it, in the same order, with the
+    same counts, dtypes, ops and algorithms (a difference raises
+    :class:`~detar_cupy.MismatchError` on every rank). Calls are enqueued on ``stream`` (default:
+    CuPy's current stream on this rank's GPU) and return without waiting, like CuPy kernels;
+    calls on one communicator must be ordered (one stream, or streams the caller synchronises)
+    and made from one thread at a time.
 
     Device-side waits are bounded by :attr:`timeout` (seconds; env ``DETAR_TIMEOUT``, default
     300): a peer that never arrives makes every waiting rank raise
@@ -55,6 +44,12 @@ class Communicator:
     ``DETAR_LL_BYTES`` (default 256 KiB), the largest grid from ``DETAR_MAX_BLOCKS`` (default
     128, and never more than the smallest GPU's SM count); ``DETAR_SHARE_GPUS=1`` lets ranks
     share GPUs (for testing: slow calls). Every rank must use the same values.
+
+    Buffers may be any C-contiguous arrays on this rank's GPU, at any address (also views not
+    aligned to their element size). ``out_array`` may be ``in_array`` (in place), or, as in
+    NCCL, this rank's own part of the output may be the input (``all_gather(out[r*c:(r+1)*c],
+    out)``, ``reduce_scatter(x, x[r*c:(r+1)*c])``); other overlaps are allowed too and cost a
+    private copy of the input.
     """
 
     def __init__(self) -> None:
@@ -76,64 +71,55 @@ class Communicator:
         if self.world_size > _kernels.MAX_WORLD:
             raise ValueError(f"world size {self.world_size} exceeds the maximum of "
                              f"{_kernels.MAX_WORLD}")
+        settings = Settings.from_env()
         self.device = cupy.cuda.Device(device)
         self.device.use()
         self._cupy = cupy
         self._ndarray = cupy.ndarray
         self._device_id = self.device.id
-        stage = _env_int("DETAR_STAGING_BYTES", DEFAULT_STAGING_BYTES) // 16 * 16
-        ll = _env_int("DETAR_LL_BYTES", DEFAULT_LL_BYTES) // 16 * 16
-        timeout = float(os.environ.get("DETAR_TIMEOUT", DEFAULT_TIMEOUT_S))
-        max_blocks = _env_int("DETAR_MAX_BLOCKS", _kernels.MAX_BLOCKS)
-        if stage < 16 * _kernels.MAX_WORLD or ll < 16:
-            raise ValueError("DETAR_STAGING_BYTES and DETAR_LL_BYTES are too small")
-        if not 1 <= max_blocks <= _kernels.MAX_BLOCKS:
-            raise ValueError(f"DETAR_MAX_BLOCKS={max_blocks} is outside 1..{_kernels.MAX_BLOCKS}")
-        share = shared_gpus_allowed()
-        sms = self.device.attributes["MultiProcessorCount"]
         runtime = cupy.cuda.runtime
-        configs = rendezvous.exchange((stage, ll, max_blocks, runtime.is_hip, int(share), sms,
-                                       runtime.deviceGetPCIBusId(self._device_id)))
-        differ = [f"{what}: " + ", ".join(f"rank {r} {c[i]}" for r, c in enumerate(configs))
-                  for i, what in enumerate(_SHARED_SETTINGS)
-                  if any(c[i] != configs[0][i] for c in configs)]
-        if differ:
-            raise MismatchError("ranks must agree on these settings: " + "; ".join(differ))
-        bus_ids = [c[-1] for c in configs]
-        check_devices(self.rank, self._device_id, bus_ids, share)
-        # Block b of every rank handles the same packs, so all ranks must launch the same grid.
-        # Blocks spin while they wait, so every rank's grid must fit on its GPU at once: at most
-        # the smallest SM count, divided among the ranks that share a GPU (DETAR_SHARE_GPUS).
-        per_gpu = ranks_per_gpu(bus_ids)
-        grid_cap = min(max_blocks, *(c[-2] // per_gpu for c in configs))
-        self._buffers = SharedBuffers(rendezvous, stage, ll)
-        self._closed = False
-        self._report = self._buffers.report
-        self._ctx = Ctx()
-        self._buffers.fill(self._ctx)
-        self._launcher = Launcher(self._ctx)
-        self._run = self._launcher.run
-        # With this rank's device id: no cudaGetDevice per call, and never another GPU's stream.
-        self._current_stream = cupy.cuda.get_current_stream
-        self.timeout = timeout
-        self._geom = _plan.Geometry(self.world_size, stage, ll, grid_cap)
-        self._plans: dict[tuple, tuple] = {}
-        self._failure: Exception | None = None
-        rendezvous.barrier()
-        self._stopped = False
+        facts = (bool(runtime.is_hip), self.device.attributes["MultiProcessorCount"],
+                 runtime.deviceGetPCIBusId(self._device_id))
+        views = rendezvous.exchange((settings.shared() + (("ROCm build", facts[0]),), facts))
+        agree([v[0] for v in views])
+        self._transport = IpcTransport(rendezvous, self.device, settings,
+                                       [v[1][2] for v in views], [v[1][1] for v in views])
+        try:
+            self._report = self._transport.report
+            self._run = self._transport.run
+            self._transport.timeout = settings.timeout
+            # With this rank's device id: no cudaGetDevice per call, never another GPU's stream.
+            self._current_stream = cupy.cuda.get_current_stream
+            self._plans: dict[tuple, tuple] = {}
+            self._failure: Exception | None = None
+            self._busy = threading.Lock()
+            rendezvous.barrier()
+        except BaseException:
+            self._transport.close()
+            raise
+        self._closed = self._stopped = False
         return self
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
+    def transport(self) -> str:
+        """The transport that moves this communicator's bytes: ``"ipc"``."""
+        return self._transport.name
+
+    @property
+    def geometry(self) -> Any:
+        """The buffer sizes and grid cap in use (read-only; the same on every rank)."""
+        return self._transport.geometry
+
+    @property
     def timeout(self) -> float:
-        """Seconds a device-side wait for a peer may last before PeerTimeoutError."""
-        return self._ctx.timeout_ns / 1e9
+        """Seconds a device-side wait for a peer may last before PeerTimeoutError; settable per
+        communicator (applies from the next call)."""
+        return self._transport.timeout
 
     @timeout.setter
     def timeout(self, seconds: float) -> None:
-        if not seconds > 0:
-            raise ValueError("timeout must be positive seconds")
-        self._ctx.timeout_ns = int(seconds * 1e9)
+        self._transport.timeout = check_timeout(seconds)
 
     def close(self) -> None:
         """Release the peers' mappings and this rank's buffers. Safe to call twice."""
@@ -143,7 +129,7 @@ class Communicator:
         try:
             self.device.synchronize()  # no kernel of ours may still use the buffers
         finally:
-            self._buffers.close()
+            self._transport.close()
             self._rdv.close()
 
     def __enter__(self) -> "Communicator":
@@ -176,9 +162,18 @@ class Communicator:
         self.check()
 
     def barrier(self) -> None:
-        """Block until every rank has reached this barrier (a device-side zero-size call)."""
-        self.all_reduce(self._cupy.empty(0, self._cupy.float32), algorithm="one_shot")
+        """Collective: block until every rank has reached this barrier (a device-side zero-size
+        call on the current stream, then :meth:`synchronize`)."""
+        self.all_reduce_buffers(0, 0, 0, "float32", "sum", None, "one_shot")
         self.synchronize()
+
+    def exchange(self, obj: Any) -> list:
+        """Collective, host-side: every rank passes a small value (None, bool, int, str, bytes,
+        or tuples/lists of those) and receives every rank's, in rank order. For setting up what
+        lives beside the communicator (an NCCL id, a port); never on a hot path."""
+        if self._closed:
+            raise CommunicatorClosedError("exchange: the communicator is closed")
+        return self._rdv.exchange(obj)
 
     # ---- argument handling ---------------------------------------------------------------------
     def _stream(self, stream: Any) -> int:
@@ -196,8 +191,7 @@ class Communicator:
         return ptr
 
     def _array(self, a: Any, what: str):
-        """(array, pointer): ``a`` as a CuPy array on this rank's GPU, C-contiguous. Its dtype is
-        checked where a plan is made (plans are keyed by it)."""
+        """(array, pointer): ``a`` as a CuPy array on this rank's GPU, C-contiguous."""
         if type(a) is not self._ndarray and not isinstance(a, self._ndarray):
             a = self._import_array(a, what)
         mem = a.data
@@ -210,7 +204,7 @@ class Communicator:
         return a, mem.ptr
 
     @staticmethod
-    def _element_type(a: Any, dtype: str | None) -> str:
+    def _element_type(a: Any, dtype: Any) -> str:
         """The table name of ``a``'s elements: its dtype's, or ``dtype`` (same element size)."""
         if dtype is None:
             return _name_of(a.dtype)
@@ -234,28 +228,27 @@ class Communicator:
         raise TypeError(f"{what} must be a GPU array (CuPy, or an object with "
                         f"__cuda_array_interface__ or __dlpack__), not {type(a).__name__}")
 
-    def _output(self, out: Any, like: Any, size: int, dtype: str | None):
-        """(out, pointer) after the input checks, plus: ``size`` elements of ``like``'s dtype
-        (with ``dtype`` naming a raw buffer's type: of its element size)."""
-        out, ptr = self._array(out, "out_array")
-        if out.dtype != like.dtype and (dtype is None or out.itemsize != like.itemsize):
+    def _result(self, out_array: Any, x: Any, size: int, dtype: Any):
+        """(out, pointer): a new array of ``size`` elements of ``x``'s dtype, or ``out_array``
+        after the input checks plus its element type and size."""
+        if out_array is None:
+            out = self._fresh(size, x.dtype)
+            return out, out.data.ptr
+        out, ptr = self._array(out_array, "out_array")
+        if out.dtype != x.dtype and (dtype is None or out.itemsize != x.itemsize):
             named = "" if dtype is None else f" ({dtype_name(dtype)} elements)"
-            raise TypeError(f"out_array has dtype {out.dtype}, expected {like.dtype}{named}")
+            raise TypeError(f"out_array has dtype {out.dtype}, expected {x.dtype}{named}")
         if out.size != size:
             raise ValueError(f"out_array has {out.size} elements, expected {size}")
         return out, ptr
 
-    def _result(self, out_array: Any, x: Any, in_ptr: int, in_count: int, size: int,
-                dtype: str | None):
-        """(out, pointer) for a call that reads ``in_count`` elements of ``x``: a new array of
-        ``size`` elements of its dtype, or ``out_array`` after :meth:`_output`'s checks and a
-        test that it does not overlap the elements read."""
-        if out_array is None:
-            out = self._cupy.empty(size, dtype=x.dtype)
-            return out, out.data.ptr
-        out, ptr = self._output(out_array, x, size, dtype)
-        self._check_overlap(in_ptr, in_count * x.itemsize, ptr, size * x.itemsize)
-        return out, ptr
+    def _fresh(self, shape: Any, dtype: Any) -> Any:
+        """A new array on this rank's GPU (``cupy.ndarray``: cheaper than ``empty_like``)."""
+        out = self._ndarray(shape, dtype)
+        if out.data.device_id != self._device_id:  # the caller made another GPU current
+            with self.device:
+                out = self._ndarray(shape, dtype)
+        return out
 
     def _refuse(self, desc: str) -> None:
         """Raise why this communicator takes no more calls (closed, or its sticky failure).
@@ -264,69 +257,82 @@ class Communicator:
             raise CommunicatorClosedError(f"{desc}: the communicator is closed")
         self.check()
 
-    def _compile(self, launches: tuple) -> tuple:
-        """Resolve a plan's kernels to driver handles (compiling a module on first use) and pack
-        each launch's parameters."""
-        with self.device:
-            return tuple(self._launcher.prepare(_kernels.function(l.module, l.kernel).ptr, l.grid,
-                                                l.block, l.in_offset, l.out_offset, l.count,
-                                                l.aux, l.sig) for l in launches)
-
-    def _remember(self, key: tuple, launches: tuple) -> tuple:
-        """Compile and cache a plan; past PLAN_CACHE entries the oldest goes (workloads with
-        ever-new batch sizes would otherwise grow the cache without bound)."""
-        plan = self._compile(launches)
+    def _remember(self, key: tuple, call: Call, in_bytes: int, out_bytes: int,
+                  alias: int) -> tuple:
+        """Make and cache the plan of a call shape: (transport plan, bytes read from the input,
+        bytes written to the output, the input-minus-output offset at which the two may alias).
+        Past PLAN_CACHE entries the oldest goes (ever-new batch sizes would grow it unbounded)."""
+        plan = (self._transport.plan(call), in_bytes, out_bytes, alias)
         if len(self._plans) >= PLAN_CACHE:
             del self._plans[next(iter(self._plans))]
         self._plans[key] = plan
         return plan
 
-    @staticmethod
-    def _check_overlap(a_ptr: int, a_bytes: int, b_ptr: int, b_bytes: int) -> None:
-        if a_ptr != b_ptr and a_ptr < b_ptr + b_bytes and b_ptr < a_ptr + a_bytes:
-            raise ValueError("in_array and out_array overlap without being the same buffer; "
-                             "use out_array=in_array for in place, or separate buffers")
+    def _launch(self, plan: tuple, stream: Any, in_ptr: int, out_ptr: int) -> None:
+        """Enqueue ``plan``. Overlapping buffers that are not the call's supported aliasing get
+        a private copy of the input first, so every rank makes the same call whatever its
+        pointers are (a layout check that raised on one rank would leave its peers waiting)."""
+        tplan, in_bytes, out_bytes, alias = plan
+        if (in_ptr - out_ptr != alias and in_ptr < out_ptr + out_bytes
+                and out_ptr < in_ptr + in_bytes):
+            return self._launch_with_copy(tplan, stream, in_ptr, in_bytes, out_ptr)
+        if stream is None:
+            stream = self._current_stream(self._device_id).ptr
+        elif type(stream) is not int:
+            stream = self._stream(stream)
+        # Launches rewrite the plan's packed parameters: two threads at once would mix them.
+        if not self._busy.acquire(False):
+            raise RuntimeError("collectives were called on one communicator from two threads at "
+                               "once; calls on a communicator must be ordered (one thread at a "
+                               "time, one stream or streams the caller synchronises)")
+        try:
+            self._run(tplan, stream, in_ptr, out_ptr)
+        finally:
+            self._busy.release()
 
-    # ---- collectives ---------------------------------------------------------------------------
-    # The hot path of every call: one sticky-state test, the array checks, one plan lookup keyed
-    # by what the plan depends on (dtype objects, not names: numpy builds dtype.name per call),
-    # the stream, and the prepared launches. Everything else happens once per plan.
+    def _launch_with_copy(self, tplan: Any, stream: Any, in_ptr: int, in_bytes: int,
+                          out_ptr: int) -> None:
+        cp = self._cupy
+        handle = self._stream(stream)
+        # Allocated while the call's stream is current: CuPy's pool then reuses the block only
+        # in that stream's order, after the kernels that read it.
+        with self.device, cp.cuda.ExternalStream(handle):
+            copy = cp.cuda.alloc(in_bytes)
+            cp.cuda.runtime.memcpyAsync(copy.ptr, in_ptr, in_bytes,
+                                        cp.cuda.runtime.memcpyDeviceToDevice, handle)
+        self._launch((tplan, in_bytes, 0, 0), handle, copy.ptr, out_ptr)
+
+    # ---- collectives on arrays -----------------------------------------------------------------
     def all_reduce(self, in_array: Any, out_array: Any = None, op: str = "sum", stream: Any = None,
-                   *, algorithm: str = "auto", dtype: str | None = None) -> Any:
-        """Reduce ``in_array`` over all ranks into ``out_array`` (new array if None; may be
-        ``in_array`` itself). Every rank gets the same bits: element i is the left fold over
-        ranks 0..N-1 (see detar_cupy.reference). ``algorithm``: auto, ll, one_shot, two_shot —
-        all give identical bits. ``dtype`` names the element type of a raw buffer (e.g.
-        ``"bfloat16"`` for a uint16/int16 view)."""
+                   *, algorithm: str = "auto", dtype: Any = None) -> Any:
+        """Collective: reduce ``in_array`` over all ranks into ``out_array`` (a new array if
+        None; may be ``in_array`` itself) and return it. Every rank gets the same bits: element
+        i is the left fold over ranks 0..N-1 (see :mod:`detar_cupy.reference`). ``algorithm``:
+        auto, ll, one_shot, two_shot — all give identical bits. ``dtype`` names the element
+        type of a raw buffer (e.g. ``"bfloat16"`` for a uint16/int16 view). Enqueued on
+        ``stream``; raises TypeError/ValueError for bad arguments (before anything is enqueued)
+        and the communicator's sticky error, if any."""
         if self._stopped or self._report.word:
             self._refuse("all_reduce")
         x, in_ptr = self._array(in_array, "in_array")
-        count = x.size
-        key = ("ar", x.dtype, dtype, op, algorithm, count)
-        plan = self._plans.get(key)
-        if plan is None:
+        name = _DTYPE_NAMES.get(x.dtype) if dtype is None else None
+        if name is None:
             name = self._element_type(x, dtype)
-            lookup(name, op)
-            if algorithm not in _plan.ALGORITHMS:
-                raise ValueError(f"unknown algorithm {algorithm!r}; one of "
-                                 f"{', '.join(_plan.ALGORITHMS)}")
-            plan = self._remember(key, _plan.all_reduce(self._geom, name, op, count, algorithm))
         if out_array is in_array:  # in place: already checked
             out, out_ptr = x, in_ptr
         elif out_array is None:
-            out = self._cupy.empty_like(x)
+            out = self._fresh(x.shape, x.dtype)
             out_ptr = out.data.ptr
         else:
-            out, out_ptr = self._output(out_array, x, count, dtype)
-            self._check_overlap(in_ptr, count * x.itemsize, out_ptr, count * x.itemsize)
-        self._run(plan, self._current_stream(self._device_id).ptr if stream is None
-                  else self._stream(stream), in_ptr, out_ptr)
+            out, out_ptr = self._result(out_array, x, x.size, dtype)
+        self.all_reduce_buffers(in_ptr, out_ptr, x.size, name, op, stream, algorithm)
         return out
 
     def reduce_scatter(self, in_array: Any, out_array: Any = None, count: int | None = None,
-                       op: str = "sum", stream: Any = None, *, dtype: str | None = None) -> Any:
-        """Rank r receives elements [r*count, (r+1)*count) of the all-reduce of the ranks'
-        ``in_array`` (N*count elements each), with the same bits as all_reduce gives them."""
+                       op: str = "sum", stream: Any = None, *, dtype: Any = None) -> Any:
+        """Collective: rank r receives elements [r*count, (r+1)*count) of the all-reduce of the
+        ranks' ``in_array`` (N*count elements each, default count = in_array.size // N), with
+        the same bits as all_reduce gives them. Returns ``out_array`` (a new array if None)."""
         if self._stopped or self._report.word:
             self._refuse("reduce_scatter")
         x, in_ptr = self._array(in_array, "in_array")
@@ -336,50 +342,108 @@ class Communicator:
                 raise ValueError(f"in_array has {total} elements, not a multiple of the world "
                                  f"size {n}; pass count")
             count = total // n
+        elif not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an int >= 0, got {count!r}")
         if count * n > total:
             raise ValueError(f"in_array has {total} elements, fewer than count*world_size = "
                              f"{count * n}")
-        key = ("rs", x.dtype, dtype, op, count)
-        plan = self._plans.get(key)
-        if plan is None:
-            name = self._element_type(x, dtype)
-            lookup(name, op)
-            plan = self._remember(key, _plan.reduce_scatter(self._geom, name, op, count))
-        out, out_ptr = self._result(out_array, x, in_ptr, total, count, dtype)
-        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        name = self._element_type(x, dtype)
+        out, out_ptr = self._result(out_array, x, count, dtype)
+        self.reduce_scatter_buffers(in_ptr, out_ptr, count, name, op, stream)
         return out
 
     def all_gather(self, in_array: Any, out_array: Any = None, count: int | None = None,
                    stream: Any = None) -> Any:
-        """Every rank receives the concatenation of all ranks' ``in_array`` (``count`` elements
-        each, default in_array.size) in rank order."""
+        """Collective: every rank receives the concatenation of all ranks' ``in_array``
+        (``count`` elements each, default in_array.size) in rank order. Returns ``out_array``
+        (a new array of N*count elements if None)."""
         if self._stopped or self._report.word:
             self._refuse("all_gather")
         x, in_ptr = self._array(in_array, "in_array")
-        size = x.size
-        count = size if count is None else count
-        if count > size:
-            raise ValueError(f"count={count} exceeds in_array's {size} elements")
-        total = count * self.world_size
-        key = ("ag", x.itemsize, count)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._remember(key, _plan.moving(self._geom, "all_gather", x.itemsize, count))
-        out, out_ptr = self._result(out_array, x, in_ptr, count, total, None)
-        self._run(plan, self._stream(stream), in_ptr, out_ptr)
+        count = x.size if count is None else count
+        if not isinstance(count, int) or not 0 <= count <= x.size:
+            raise ValueError(f"count must be an int in [0, {x.size}] (in_array's elements), "
+                             f"got {count!r}")
+        out, out_ptr = self._result(out_array, x, count * self.world_size, None)
+        self.all_gather_buffers(in_ptr, out_ptr, count, x.itemsize, stream)
         return out
 
     def broadcast(self, in_out_array: Any, root: int = 0, stream: Any = None) -> Any:
-        """Copy rank ``root``'s ``in_out_array`` into every rank's ``in_out_array``."""
+        """Collective: copy rank ``root``'s ``in_out_array`` into every rank's and return it."""
         if self._stopped or self._report.word:
             self._refuse("broadcast")
-        if not 0 <= root < self.world_size:
-            raise ValueError(f"root {root} is not a rank of this world of {self.world_size}")
         x, ptr = self._array(in_out_array, "in_out_array")
-        key = ("bc", x.itemsize, x.size, root)
+        self.broadcast_buffers(ptr, x.size, x.itemsize, root, stream)
+        return x
+
+    def all_reduce_coalesced(self, arrays: Sequence[Any], op: str = "sum", stream: Any = None,
+                             *, algorithm: str = "auto", dtype: Any = None) -> list:
+        """Collective: all-reduce each array of ``arrays`` in place (same bits as one
+        :meth:`all_reduce` per array) and return them."""
+        for a in arrays:
+            self.all_reduce(a, a, op, stream, algorithm=algorithm, dtype=dtype)
+        return list(arrays)
+
+    # ---- collectives on raw device pointers ----------------------------------------------------
+    # For layers above the Communicator that hold their own tensors (detar_cupy.torch): the same
+    # calls on pointers into this rank's GPU memory, with the same plans, checks and errors.
+    # ``stream``: a handle (int), a CuPy or torch stream, or None (CuPy's current stream).
+    def all_reduce_buffers(self, in_ptr: int, out_ptr: int, count: int, dtype: str,
+                           op: str = "sum", stream: Any = None, algorithm: str = "auto") -> None:
+        """Collective: :meth:`all_reduce` of ``count`` elements of table dtype ``dtype``."""
+        if self._stopped or self._report.word:
+            self._refuse("all_reduce")
+        key = ("ar", dtype, op, algorithm, count)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._remember(key, _plan.moving(self._geom, "broadcast", x.itemsize, x.size,
-                                                    root))
-        self._run(plan, self._stream(stream), ptr, ptr)
-        return x
+            dt = lookup(dtype, op)
+            if algorithm not in ALGORITHMS:
+                raise ValueError(f"unknown algorithm {algorithm!r}; one of "
+                                 f"{', '.join(ALGORITHMS)}")
+            nbytes = count * dt.itemsize
+            plan = self._remember(key, Call("all_reduce", dt.name, dt.itemsize, op, count,
+                                            algorithm), nbytes, nbytes, 0)
+        self._launch(plan, stream, in_ptr, out_ptr)
+
+    def reduce_scatter_buffers(self, in_ptr: int, out_ptr: int, count: int, dtype: str,
+                               op: str = "sum", stream: Any = None) -> None:
+        """Collective: :meth:`reduce_scatter` reading N*count elements, writing count."""
+        if self._stopped or self._report.word:
+            self._refuse("reduce_scatter")
+        key = ("rs", dtype, op, count)
+        plan = self._plans.get(key)
+        if plan is None:
+            dt = lookup(dtype, op)
+            nbytes = count * dt.itemsize
+            plan = self._remember(key, Call("reduce_scatter", dt.name, dt.itemsize, op, count,
+                                            "-"), nbytes * self.world_size, nbytes,
+                                  -self.rank * nbytes)
+        self._launch(plan, stream, in_ptr, out_ptr)
+
+    def all_gather_buffers(self, in_ptr: int, out_ptr: int, count: int, itemsize: int,
+                           stream: Any = None) -> None:
+        """Collective: :meth:`all_gather` of ``count`` elements of ``itemsize`` bytes each."""
+        if self._stopped or self._report.word:
+            self._refuse("all_gather")
+        key = ("ag", itemsize, count)
+        plan = self._plans.get(key)
+        if plan is None:
+            nbytes = count * itemsize
+            plan = self._remember(key, Call("all_gather", None, itemsize, "-", count, "-"),
+                                  nbytes, nbytes * self.world_size, self.rank * nbytes)
+        self._launch(plan, stream, in_ptr, out_ptr)
+
+    def broadcast_buffers(self, ptr: int, count: int, itemsize: int, root: int = 0,
+                          stream: Any = None) -> None:
+        """Collective: :meth:`broadcast` of ``count`` elements of ``itemsize`` bytes each."""
+        if self._stopped or self._report.word:
+            self._refuse("broadcast")
+        key = ("bc", itemsize, count, root)
+        plan = self._plans.get(key)
+        if plan is None:
+            if not isinstance(root, int) or not 0 <= root < self.world_size:
+                raise ValueError(f"root {root!r} is not a rank of this world of "
+                                 f"{self.world_size}")
+            plan = self._remember(key, Call("broadcast", None, itemsize, "-", count, "-", root),
+                                  0, 0, 0)
+        self._launch(plan, stream, ptr, ptr)

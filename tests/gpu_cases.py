@@ -168,4 +168,4 @@ def run_shared_cases(comm, world: int, seed0: int):
     """On ranks that share GPUs: (grid cap, SM count, {case id: (ok, detail, digest)}) for every
     SHARED_STRIDE-th case of :func:`cases`."""
     sms = comm.device.attributes["MultiProcessorCount"]
-    return comm._geom.max_grid, sms, _run_all(comm, cases(world, seed0)[::SHARED_STRIDE])
+    return comm.geometry.max_grid, sms, _run_all(comm, cases(world, seed0)[::SHARED_STRIDE])

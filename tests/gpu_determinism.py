@@ -178,13 +178,13 @@ def _load_kernels(comm: Any) -> None:
     for key in _kernels.module_keys():
         if key.world_size == comm.world_size:
             for name in _kernels.kernel_names(key):
-                _kernels.function(key, name)
+                _kernels.function(key, name, comm.device.id)
 
 
 def _chunked_count(comm: Any, name: str) -> int:
     """Elements per rank well beyond one staging half (so every algorithm cuts the call into
     chunks), and not a multiple of anything."""
-    return comm._geom.stage_half_bytes * 5 // 2 // DTYPES[name].itemsize + 7
+    return comm.geometry.stage_half_bytes * 5 // 2 // DTYPES[name].itemsize + 7
 
 
 def _run_to_run(comm: Any, seed: int, checks: dict) -> None:
@@ -365,7 +365,7 @@ def nccl_contrast(comm: Any, seed: int) -> dict:
         return {"skipped": f"cupy.cuda.nccl unavailable: {exc}"}
     from detar_cupy.benchmark import _nccl_comm
 
-    gpus = comm._rdv.exchange(cp.cuda.runtime.deviceGetPCIBusId(comm.device.id))
+    gpus = comm.exchange(cp.cuda.runtime.deviceGetPCIBusId(comm.device.id))
     if len(set(gpus)) < len(gpus):
         return {"skipped": "ranks share a GPU (DETAR_SHARE_GPUS=1); NCCL needs one GPU per rank"}
     nc = _nccl_comm(comm)

@@ -63,7 +63,7 @@ def create_close_cycles(comm, cycles: int, warm: int, check_every: int) -> dict:
     world, rank, dev = comm.world_size, comm.rank, comm.device.id
     # One port for every cycle: rank 0's listener is closed once the group is complete, and it
     # binds with SO_REUSEADDR, so the next cycle can listen on the same port.
-    port = comm._rdv.exchange(free_ports(1)[0] if rank == 0 else None)[0]
+    port = comm.exchange(free_ports(1)[0] if rank == 0 else None)[0]
     checks: list[tuple[int, bool]] = []
 
     def cycle(i: int):
@@ -77,9 +77,9 @@ def create_close_cycles(comm, cycles: int, warm: int, check_every: int) -> dict:
     def measure() -> dict:
         # Between barriers: with ranks sharing a GPU (DETAR_SHARE_GPUS) its free memory also
         # counts the other ranks' buffers, so none may be between cycles or past the loop.
-        comm._rdv.barrier()
+        comm.exchange(None)
         got = _resources(comm.device)
-        comm._rdv.barrier()
+        comm.exchange(None)
         return got
 
     for i in range(warm):

@@ -79,7 +79,7 @@ def dead_peer_rank(rank: int, world: int, port: int, alg: str, victim: int, seed
         for _ in range(WARM_CALLS):
             comm.all_reduce(x, out, algorithm=alg)
         comm.synchronize()
-        comm._rdv.barrier()  # every rank is at the same call count when the loop starts
+        comm.exchange(None)  # every rank is at the same call count when the loop starts
         # The short bound only from here: a first call that loads kernels must not time out.
         comm.timeout = TIMEOUT_S
         report: dict[str, Any] = {"timeout": comm.timeout}
@@ -240,7 +240,7 @@ def mismatch_all_variants(comm, seed: int) -> dict:
 
     names = list(MISMATCHES)
     # Rank 0 picks the ports; exchange() returns every rank's object, rank 0's first.
-    ports = comm._rdv.exchange(free_ports(len(names) + 1) if comm.rank == 0 else None)[0]
+    ports = comm.exchange(free_ports(len(names) + 1) if comm.rank == 0 else None)[0]
     # Load every kernel the variants use on the long-lived communicator, so that no timed call
     # below includes a module load (kernel handles are cached per process).
     for dtype in ("float16", "bfloat16"):

@@ -377,11 +377,23 @@ class Communicator:
         return x
 
     def all_reduce_coalesced(self, arrays: Sequence[Any], op: str = "sum", stream: Any = None,
-                             *, algorithm: str = "auto", dtype: Any = None) -> list:
-        """Collective: all-reduce each array of ``arrays`` in place (same bits as one
-        :meth:`all_reduce` per array) and return them."""
-        for a in arrays:
-            self.all_reduce(a, a, op, stream, algorithm=algorithm, dtype=dtype)
+                             *, dtype: Any = None) -> list:
+        """Collective: all-reduce every array of ``arrays`` in place, with the same bits as one
+        :meth:`all_reduce` per array, and return them. All must have one element type."""
+        if self._stopped or self._report.word:
+            self._refuse("all_reduce_coalesced")
+        ptrs, counts, name = [], [], None
+        for i, a in enumerate(arrays):
+            x, ptr = self._array(a, f"arrays[{i}]")
+            this = self._element_type(x, dtype)
+            if name is not None and this != name:
+                raise TypeError(f"arrays[{i}] has elements of {this}, arrays[0] of {name}: "
+                                "coalesce arrays of one dtype")
+            name = this
+            ptrs.append(ptr)
+            counts.append(x.size)
+        if name is not None:
+            self.all_reduce_coalesced_buffers(ptrs, counts, name, op, stream)
         return list(arrays)
 
     # ---- collectives on raw device pointers ----------------------------------------------------
@@ -404,6 +416,15 @@ class Communicator:
             plan = self._remember(key, Call("all_reduce", dt.name, dt.itemsize, op, count,
                                             algorithm), nbytes, nbytes, 0)
         self._launch(plan, stream, in_ptr, out_ptr)
+
+    def all_reduce_coalesced_buffers(self, ptrs: Sequence[int], counts: Sequence[int],
+                                     dtype: str, op: str = "sum", stream: Any = None) -> None:
+        """Collective: all-reduce ``counts[i]`` elements at ``ptrs[i]`` in place, for every i,
+        with the same bits as one :meth:`all_reduce_buffers` per buffer."""
+        if len(ptrs) != len(counts):
+            raise ValueError(f"{len(ptrs)} pointers but {len(counts)} counts")
+        for ptr, count in zip(ptrs, counts):
+            self.all_reduce_buffers(ptr, ptr, count, dtype, op, stream)
 
     def reduce_scatter_buffers(self, in_ptr: int, out_ptr: int, count: int, dtype: str,
                                op: str = "sum", stream: Any = None) -> None:

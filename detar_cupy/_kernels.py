@@ -8,6 +8,11 @@ still batch many keys into one translation unit with :func:`render`.
 The dtype-agnostic kernels (all-gather, broadcast) live in modules with ``dtype=None``, one
 instantiation per element size so misaligned buffers still move whole elements.
 
+The NCCL transport's kernels (``fold.hip``) are the family ``"nccl"``: per dtype one module of
+fold kernels for any world size (``world_size=0``: the number of ranks folded is a parameter), one
+dtype-agnostic module (slot copies, call-header stamp and check), and per dtype and node size
+G = 2..MAX_WORLD the hierarchical transport's node carry kernels (IPC inside a node).
+
 Kernels are ``extern "C"`` with generated names instead of ``name_expressions``: CuPy 13.3 skips its
 disk cache whenever ``name_expressions`` are used.
 """
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Sequence
 
+from . import _fold_abi
 from .dtypes import DTYPES
 
 MAX_WORLD = 8  # MAX_N in collectives.hip
@@ -36,19 +42,27 @@ MOVING_SIZES = {1: "u8_t", 2: "u16_t", 4: "u32_t", 8: "u64_t", 16: "cdouble_t"}
 _OP_FUNCTOR = {"sum": "OpSum", "prod": "OpProd", "min": "OpMin", "max": "OpMax", "avg": "OpAvg"}
 _MODE = {"one_shot": "ONE_SHOT", "two_shot": "TWO_SHOT", "reduce_scatter": "REDUCE_SCATTER",
          "all_gather": "ALL_GATHER", "broadcast": "BROADCAST"}
+# Rendered in this order, then _fold_abi's definitions, then FOLD_SOURCE.
 _SOURCES = ("portability.h", "arith.h", "collectives.hip")
 _WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECTOR"}
 
 _ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Ctx c, const void* in, '
           "void* out, u64_t count, u64_t aux, u32_t sig) {{\n  {call};\n}}\n")
+FOLD_SOURCE = "fold.hip"
+_FOLD_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}({params}) '
+               "{{\n  {call};\n}}\n")
+#: Families of modules: the IPC collectives, and the NCCL transport's kernels.
+FAMILIES = ("ipc", "nccl")
 
 
 @dataclass(frozen=True)
 class ModuleKey:
-    """One compiled module: a dtype name (None for the data-moving kernels) and a world size."""
+    """One compiled module: a dtype name (None for the data-moving kernels), a world size (0: any,
+    for the NCCL transport's folds) and a family (``"ipc"`` or ``"nccl"``)."""
 
     dtype: str | None
     world_size: int
+    family: str = "ipc"
 
 
 def reducing_name(dtype: str, op: str, world_size: int, algorithm: str) -> str:
@@ -67,8 +81,52 @@ def nop_name(world_size: int) -> str:
     return f"detar_nop_n{world_size}"
 
 
+def fold_name(dtype: str, op: str) -> str:
+    """extern "C" name of the NCCL transport's fold kernel (any number of ranks)."""
+    return f"detar_{dtype}_{op}_fold"
+
+
+def node_carry_name(dtype: str, op: str, node_size: int) -> str:
+    """extern "C" name of the hierarchical transport's node carry kernel (IPC, G ranks)."""
+    return f"detar_{dtype}_{op}_n{node_size}_node_carry"
+
+
+def slots_copy_name(itemsize: int) -> str:
+    """extern "C" name of the NCCL transport's slot copy for elements of ``itemsize`` bytes."""
+    return f"detar_copy{itemsize}_slots"
+
+
+HEADER_STAMP = "detar_header_stamp"
+HEADER_CHECK = "detar_header_check"
+
+
+def nccl_keys() -> list[ModuleKey]:
+    """The NCCL transport's modules: per dtype the folds, the dtype-agnostic module, and per dtype
+    and node size the node carry kernels."""
+    return ([ModuleKey(d, 0, "nccl") for d in (*DTYPES, None)]
+            + [ModuleKey(d, g, "nccl") for g in range(2, MAX_WORLD + 1) for d in DTYPES])
+
+
+def _nccl_entries(key: ModuleKey):
+    """(name, parameter list, device call) for every kernel of an NCCL-family ``key``."""
+    if key.dtype is None:
+        for size in MOVING_SIZES:
+            yield slots_copy_name(size), "FoldArgs a", f"copy_slots<{size}>(a)"
+        yield HEADER_STAMP, "FoldArgs a", "header_stamp(a)"
+        yield HEADER_CHECK, "FoldArgs a", "header_check(a)"
+        return
+    dt = DTYPES[key.dtype]
+    for op in dt.ops:
+        functor = _OP_FUNCTOR[op]
+        if key.world_size == 0:
+            yield fold_name(key.dtype, op), "FoldArgs a", f"fold<{dt.ctype}, {functor}>(a)"
+        else:
+            yield (node_carry_name(key.dtype, op, key.world_size), "Ctx c, FoldArgs a",
+                   f"node_carry<{dt.ctype}, {functor}, {key.world_size}>(c, a)")
+
+
 def _entries(key: ModuleKey):
-    """(name, device call) for every kernel of ``key``."""
+    """(name, device call) for every kernel of an IPC-family ``key``."""
     n = key.world_size
     args = "c, (const char*)in, (char*)out, count"
     if key.dtype is None:
@@ -89,18 +147,30 @@ def _entries(key: ModuleKey):
 
 def kernel_names(key: ModuleKey) -> tuple[str, ...]:
     """The extern "C" kernel names in the module of ``key``."""
+    if key.family == "nccl":
+        return tuple(name for name, _, _ in _nccl_entries(key))
     return tuple(name for name, _ in _entries(key))
 
 
 def module_keys() -> list[ModuleKey]:
-    """Every module the library can render: all dtypes and world sizes, plus data movers."""
-    return [ModuleKey(d, n) for n in range(1, MAX_WORLD + 1) for d in (*DTYPES, None)]
+    """Every module the library can render: all dtypes and world sizes, plus data movers, then
+    the NCCL transport's modules."""
+    return [ModuleKey(d, n) for n in range(1, MAX_WORLD + 1) for d in (*DTYPES, None)] + nccl_keys()
 
 
 @functools.lru_cache(maxsize=None)
 def _library_source() -> str:
     pkg = resources.files("detar_cupy.hip_src")
-    return "\n".join(pkg.joinpath(name).read_text() for name in _SOURCES)
+    parts = [pkg.joinpath(name).read_text() for name in _SOURCES]
+    return "\n".join(parts + [_fold_abi.c_source(), pkg.joinpath(FOLD_SOURCE).read_text()])
+
+
+def _entry(key: ModuleKey) -> str:
+    if key.family == "nccl":
+        return "".join(_FOLD_ENTRY.format(threads=THREADS, name=name, params=params, call=call)
+                       for name, params, call in _nccl_entries(key))
+    return "".join(_ENTRY.format(threads=THREADS, name=name, call=call)
+                   for name, call in _entries(key))
 
 
 def render(keys: Sequence[ModuleKey], *, weaken: str | None = None) -> str:
@@ -114,9 +184,7 @@ def render(keys: Sequence[ModuleKey], *, weaken: str | None = None) -> str:
         if weaken not in _WEAKEN:
             raise ValueError(f"unknown weaken {weaken!r}; one of {sorted(_WEAKEN)}")
         head = f"#define {_WEAKEN[weaken]} 1\n"
-    body = "".join(_ENTRY.format(threads=THREADS, name=name, call=call)
-                   for key in keys for name, call in _entries(key))
-    return head + _library_source() + "\n" + body
+    return head + _library_source() + "\n" + "".join(_entry(key) for key in keys)
 
 
 def compile_options(platform: str) -> tuple[str, ...]:
@@ -171,7 +239,7 @@ def precompile(world_sizes: Sequence[int], jobs: int,
     """Compile every module of ``world_sizes`` in ``jobs`` processes (on the current GPU's
     architecture), filling CuPy's disk cache so that no rank pays the first-use compile (3-6 s per
     module) inside its first collective, where a slow rank keeps its peers waiting. Seconds taken."""
-    keys = [k for k in module_keys() if k.world_size in world_sizes]
+    keys = [k for k in module_keys() if k.world_size in world_sizes or k.world_size == 0]
     start = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for i, key in enumerate(pool.map(_compile_module, keys), 1):

@@ -5,7 +5,8 @@ Pure functions over text (plus :func:`disassemble`), used by ``test_compile_matr
 What is checked, per kernel (kernel names carry the algorithm and ``_n<world size>``):
 
 Barrier flags (kernels of the barrier-based algorithms: one_shot, two_shot, reduce_scatter,
-all_gather, broadcast; two_shot has two barriers, the others one):
+all_gather, broadcast, and the hierarchical transport's node_carry; two_shot has two barriers,
+the others one; the NCCL transport's fold, copy and header kernels have none):
 
 - PTX: at least one release store (``st.release.sys``, ``red.release.sys``, ``atom.release.sys``/
   ``atom.acq_rel.sys``, or a ``fence.{sc,acq_rel}.sys``/``membar.sys``) and one acquire load
@@ -37,17 +38,19 @@ all_gather, broadcast; two_shot has two barriers, the others one):
 PTX also: no ``ld.global.nc`` in collective kernels (staging is written by peers while the kernel
 runs, and in-place calls alias input and output; the non-coherent path may serve stale data).
 
-16-byte data path (one_shot and two_shot): at least ``world size`` 16-byte global loads (one per
-rank in the unrolled fold): PTX ``ld[.global][...].v4.{b,u,s,f}32`` or ``.v2.{b,u,s,f}64``;
-AMDGPU ``global_load_dwordx4``.
+16-byte data path (one_shot, two_shot, node_carry, and the NCCL transport's fold): at least
+``world size`` 16-byte global loads (one per rank in the unrolled fold; the fold, whose number of
+ranks is a parameter, at least one): PTX ``ld[.global][...].v4.{b,u,s,f}32`` or
+``.v2.{b,u,s,f}64``; AMDGPU ``global_load_dwordx4``.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-BARRIER_ALGORITHMS = ("one_shot", "two_shot", "reduce_scatter", "all_gather", "broadcast")
-VECTOR_ALGORITHMS = ("one_shot", "two_shot")
+BARRIER_ALGORITHMS = ("one_shot", "two_shot", "reduce_scatter", "all_gather", "broadcast",
+                      "node_carry")
+VECTOR_ALGORITHMS = ("one_shot", "two_shot", "node_carry", "_fold")
 
 
 def barriers_in(name: str) -> int:

@@ -54,8 +54,10 @@ TARGETS: tuple[tuple[str, str], ...] = (
 #: one target per ISA rule set for the must-fail renders (sm_80's PTX comes from the same
 #: NVRTC and inline asm as sm_90's)
 WEAKEN_TARGETS = ("sm_90", "gfx908", "gfx90a", "gfx940")
-#: modules of the must-fail renders: all barrier algorithms (reducing + data-moving modules)
-WEAKEN_KEYS = (("float32", 2), (None, 2))
+#: modules of the must-fail renders: all barrier algorithms (reducing + data-moving modules, the
+#: hierarchical transport's node carry) and the NCCL transport's folds (vector loads)
+WEAKEN_KEYS = (("float32", 2, "ipc"), (None, 2, "ipc"), ("float32", 2, "nccl"),
+               ("float32", 0, "nccl"))
 PRIMARY_CUPY = 14
 #: world size of the cubin (ptxas) sample: every dtype's module, so every inline-asm site
 CUBIN_WORLD = 2
@@ -129,7 +131,7 @@ class Job:
     label: str  # cupy14, cupy13, ...
     mode: str  # "full", "cubin" or "syntax"
     options: tuple[str, ...]
-    keys: tuple[tuple[str | None, int], ...]
+    keys: tuple[tuple[str | None, int, str], ...]  # (dtype, world size, family) of ModuleKeys
     weaken: str | None = None
 
     @property
@@ -153,7 +155,7 @@ class Result:
 
 def run_job(job: Job) -> Result:
     """Render, compile, check (runs in a worker process)."""
-    keys = [K.ModuleKey(d, n) for d, n in job.keys]
+    keys = [K.ModuleKey(*k) for k in job.keys]
     names = [nm for k in keys for nm in K.kernel_names(k)]
     res = Result(job, len(keys), len(names))
     src = K.render(keys, weaken=job.weaken)
@@ -229,11 +231,17 @@ def full_world_sizes(arch: str) -> tuple[int, ...]:
     return tuple(sorted(set(TIERS[tier()][arch])))
 
 
+def full_codegen(key: K.ModuleKey, arch: str) -> bool:
+    """Whether ``key`` gets full code generation on ``arch``: its world size is in the tier's
+    share of ``arch``; the NCCL transport's folds (world size 0: any) on every target."""
+    return key.world_size == 0 or key.world_size in full_world_sizes(arch)
+
+
 def build_jobs(targets) -> list[Job]:
     batch = int(os.environ.get("DETAR_MATRIX_BATCH", "6"))
-    allkeys = [(k.dtype, k.world_size) for k in K.module_keys()]
-    cubin_keys = tuple((k.dtype, k.world_size) for k in K.module_keys()
-                       if k.world_size == CUBIN_WORLD)
+    allkeys = [(k.dtype, k.world_size, k.family) for k in K.module_keys()]
+    cubin_keys = tuple((k.dtype, k.world_size, k.family) for k in K.module_keys()
+                       if k.world_size in (0, CUBIN_WORLD))
     jobs = []
     for platform, arch in targets:
         if not _availability(arch):
@@ -242,7 +250,7 @@ def build_jobs(targets) -> list[Job]:
         (label, opts), *others = sets.items()
         full_opts = _ptx_only(opts) if platform == "cuda" else opts
         sizes = full_world_sizes(arch)
-        for b in _batches([k for k in allkeys if k[1] in sizes], batch):
+        for b in _batches([k for k in allkeys if full_codegen(K.ModuleKey(*k), arch)], batch):
             jobs.append(Job(arch, label, "full", full_opts, b))
         if platform == "cuda":
             # CuPy's exact -arch=sm_XX (PTX + ptxas -> cubin) on every dtype's module at one
@@ -257,7 +265,7 @@ def build_jobs(targets) -> list[Job]:
                 jobs.append(Job(arch, label, "full", full_opts, WEAKEN_KEYS, weaken=w))
     # most expensive first for load balance (cost grows with world size)
     cost = {"full": 1.0, "cubin": 2.0, "syntax": 0.02}
-    jobs.sort(key=lambda j: -cost[j.mode] * sum(1 + n for _, n in j.keys))
+    jobs.sort(key=lambda j: -cost[j.mode] * sum(1 + n for _, n, _ in j.keys))
     return jobs
 
 
@@ -403,7 +411,7 @@ def test_hiprtc_replica_matches_hiprtc():
     differ: hiprtc optimises before and after linking the device libraries, the driver once)."""
     _need(_availability("gfx90a"), "hiprtc toolchain")
     opts = next(iter(option_sets("hip", "gfx90a").values()))
-    for key in (K.ModuleKey("float16", 3), K.ModuleKey(None, 5)):
+    for key in (K.ModuleKey("float16", 3), K.ModuleKey(None, 5), K.ModuleKey("float16", 2, "nccl")):
         src = K.render([key])
         a = I.split_amdgpu(I.disassemble(T.hiprtc_compile(src, "gfx90a", opts, backend="hiprtc"),
                                          "gfx90a"))
@@ -438,7 +446,7 @@ def _fail_on_errors(rs: list[Result]) -> None:
     errs = [r for r in rs if r.error]
     if errs:
         r = errs[0]
-        keys = ", ".join(f"{d}/n{n}" for d, n in r.job.keys)
+        keys = ", ".join(f"{d}/n{n}/{f}" for d, n, f in r.job.keys)
         pytest.fail(f"{len(errs)} of {len(rs)} translation units failed to compile for "
                     f"{r.job.arch} ({r.job.label}, {r.job.mode}); first: modules [{keys}]\n"
                     f"{r.error}", pytrace=False)
@@ -449,7 +457,7 @@ def test_matrix_compiles(matrix, arch):
     """Every module, every kernel: compiled with CuPy 14's options (full codegen)."""
     rs = _results_or_skip(matrix, arch)
     _fail_on_errors(rs)
-    want = [k for k in K.module_keys() if k.world_size in full_world_sizes(arch)]
+    want = [k for k in K.module_keys() if full_codegen(k, arch)]
     assert sum(r.modules for r in rs) == len(want)
     assert sum(r.kernels for r in rs) == sum(len(K.kernel_names(k)) for k in want)
     if _platform(arch) == "cuda":
@@ -516,7 +524,7 @@ def test_isa_flags_and_vectors(matrix, arch):
 
 
 def _weakened_kernels(which: str) -> list[str]:
-    names = [n for d, s in WEAKEN_KEYS for n in K.kernel_names(K.ModuleKey(d, s))]
+    names = [n for k in WEAKEN_KEYS for n in K.kernel_names(K.ModuleKey(*k))]
     if which == "flag_scope":
         return [n for n in names if I.barriers_in(n)]
     return [n for n in names if I.needs_vector_loads(n)]
@@ -557,7 +565,7 @@ def test_matrix_summary(matrix, capsys):
             comp = "clang-15 (hiprtc f.end)"
         else:
             comp = "hiprtc" if T.hiprtc_backend_for(arch) == "hiprtc" else "clang-15 (hiprtc replica)"
-        sizes = sorted({n for r in rs for _, n in r.job.keys})
+        sizes = sorted({n for r in rs for _, n, _ in r.job.keys})
         if mode == "full" and _platform(arch) == "cuda":
             mode = "full (ptx)"
         lines.append(f"  {arch:8} {comp:28} {label:7} {mode:16} {len(rs):4d} "

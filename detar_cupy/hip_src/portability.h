@@ -120,6 +120,11 @@ DEV u32_t load_relaxed_dev(const u32_t* p) {
 DEV void store_relaxed_sys(u32_t* p, u32_t v) {
   __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
 }
+// A word the host writes (mapped host memory) read by a kernel: system scope, so the load is
+// coherent with the host's store instead of hitting a line the GPU cached earlier.
+DEV u32_t load_relaxed_sys(const u32_t* p) {
+  return __hip_atomic_load(const_cast<u32_t*>(p), __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+}
 #else
 DEV void flag_store_release(u64_t* p, u64_t v) {
   asm volatile("st.release." DETAR_FLAG_SCOPE ".global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
@@ -147,6 +152,11 @@ DEV u32_t load_relaxed_dev(const u32_t* p) {
 }
 DEV void store_relaxed_sys(u32_t* p, u32_t v) {
   asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+DEV u32_t load_relaxed_sys(const u32_t* p) {
+  u32_t v;
+  asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 #endif
 

@@ -33,8 +33,8 @@ import numpy as np
 
 from .dtypes import DTYPES, DType, dtype_name, lookup, numpy_dtype
 
-__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast",
-           "flush_denormals_f32", "bits_equal"]
+__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "fold_partial",
+           "finish", "flush_denormals_f32", "bits_equal"]
 
 _F32_EXPONENT = np.uint32(0x7F800000)
 _F32_SIGN = np.uint32(0x80000000)
@@ -125,6 +125,48 @@ def broadcast(inputs: Sequence[np.ndarray], root: int = 0) -> np.ndarray:
     if not 0 <= root < len(arrays):
         raise ValueError(f"root {root} is not a rank of a world of size {len(arrays)}")
     return arrays[root].copy()
+
+
+def fold_partial(inputs: Sequence[np.ndarray], op: str = "sum", dtype: str | None = None,
+                 partial: np.ndarray | None = None) -> np.ndarray:
+    """The fold of :func:`all_reduce` over ``inputs`` (ranks in order), continued from
+    ``partial`` if given, and stopped before the op's finish and the rounding to the input type:
+    the accumulator-type partial that a hierarchical transport carries from one node to the next.
+
+    ``partial`` is an earlier result of this function (one-dimensional, in the accumulator type of
+    the contract), so that ``finish(fold_partial(b, op, partial=fold_partial(a, op)), op, N)``
+    equals ``all_reduce(a + b, op)`` bit for bit. ``inputs`` are flattened; may be empty when
+    ``partial`` is given. Errors as :func:`all_reduce`.
+    """
+    if not inputs:
+        if partial is None:
+            raise ValueError("fold_partial needs inputs or a partial to continue")
+        return np.array(partial).reshape(-1)
+    dt, arrays = _prepare(inputs, dtype, op)
+    flats = [a.reshape(-1) for a in arrays]
+    acc_type = numpy_dtype(dt.acc)
+    flush = dt.is_float32_acc
+    with np.errstate(all="ignore"):  # as in _reduce: wrap-around and overflow are the contract
+        if partial is None:
+            acc, rest = _to_acc(flats[0], acc_type, flush, copy=True), flats[1:]
+        else:
+            acc, rest = np.array(partial, dtype=acc_type).reshape(-1), flats
+        for x in rest:
+            acc = _step(dt, op, acc, _to_acc(x, acc_type, flush, copy=False), flush)
+    return acc
+
+
+def finish(partial: np.ndarray, op: str, world_size: int, dtype: str) -> np.ndarray:
+    """The end of the fold of :func:`all_reduce` over ``world_size`` ranks from the partial of
+    :func:`fold_partial`: avg's division by N, then the rounding to ``dtype`` (a new array)."""
+    dt = lookup(dtype, op)
+    acc = np.array(partial, dtype=numpy_dtype(dt.acc))
+    with np.errstate(all="ignore"):
+        if op == "avg":
+            _divide_inplace(acc, world_size)
+            if dt.is_float32_acc:
+                _flush_inplace(acc)
+        return acc.astype(numpy_dtype(dt.name), copy=False)
 
 
 def flush_denormals_f32(a: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from . import _protocol
 from ._sharing import SHARE_HINT
@@ -52,10 +52,21 @@ def _hip_fine_grained_malloc(size: int, uncached: bool) -> int:
     raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of fine-grained memory")
 
 
-def check_devices(rank: int, device: int, bus_ids: list[str], share: bool) -> None:
+def release_all(free: Callable[[int], Any], handles: Iterable[int]) -> None:
+    """``free(h)`` for every handle, ignoring failures: at interpreter exit the context may be
+    gone already, and then there is nothing left to release."""
+    for handle in handles:
+        try:
+            free(handle)
+        except Exception:
+            pass
+
+
+def check_devices(rank: int, device: int, bus_ids: list[str], share: bool,
+                  p2p: bool = True) -> None:
     """Refuse, before anything is allocated, two ranks on one GPU (unless ``share``: see
-    :mod:`detar_cupy._sharing`) and GPUs that cannot reach each other. ``bus_ids``: every rank's
-    PCI bus id, in rank order."""
+    :mod:`detar_cupy._sharing`) and, with ``p2p``, GPUs that cannot reach each other.
+    ``bus_ids``: every rank's PCI bus id, in rank order."""
     from cupy.cuda import runtime as rt
 
     seen: dict[str, int] = {}
@@ -64,7 +75,7 @@ def check_devices(rank: int, device: int, bus_ids: list[str], share: bool) -> No
             raise RendezvousError(f"ranks {seen[bus]} and {r} use the same GPU (PCI {bus}); one "
                                   f"GPU per rank ({SHARE_HINT})")
         seen.setdefault(bus, r)
-    for r, bus in enumerate(bus_ids):
+    for r, bus in enumerate(bus_ids if p2p else ()):
         if bus == bus_ids[rank]:
             continue  # this rank's own GPU (itself, or a rank sharing it)
         try:
@@ -158,21 +169,7 @@ class SharedBuffers:
     def close(self) -> None:
         """Unmap peers' buffers and free ours. Idempotent."""
         rt = self._runtime
-        for ptr in self._opened:
-            try:
-                rt.ipcCloseMemHandle(ptr)
-            except Exception:
-                pass  # a dead context at interpreter exit: nothing left to release
-        self._opened = []
-        for ptr in self._own:
-            try:
-                rt.free(ptr)
-            except Exception:
-                pass
-        self._own = []
-        if self._host_report:
-            try:
-                rt.freeHost(self._host_report)
-            except Exception:
-                pass
-            self._host_report = 0
+        release_all(rt.ipcCloseMemHandle, self._opened)
+        release_all(rt.free, self._own)
+        release_all(rt.freeHost, [self._host_report] if self._host_report else [])
+        self._opened, self._own, self._host_report = [], [], 0

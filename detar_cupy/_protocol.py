@@ -100,6 +100,11 @@ def describe_launch(sig: int, count: int | None, aux: int | None) -> dict:
             "dtype": dtype, "op": op, "count": count, "aux": aux}
 
 
+def launch_text(sig: int, count: int | None, aux: int | None) -> str:
+    """``all_reduce(algorithm=two_shot, dtype=float16, op=sum, count=1000)``: a launch in words."""
+    return _text(describe_launch(sig, count, aux))
+
+
 def _text(d: dict) -> str:
     args = [f"{k}={d[k]}" for k in ("algorithm", "dtype", "op", "count", "aux")
             if d[k] not in ("-", None) and not (k == "aux" and d["collective"] == "all_reduce")]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
-from . import _kernels
-from ._protocol import decode_error
+from . import transports
 from ._settings import Settings, agree, check_timeout
 from .dtypes import DTYPES, dtype_name, lookup
 from .errors import CommunicatorClosedError, CupyMissingError
 from .transports import ALGORITHMS, Call
-from .transports.ipc import IpcTransport
+from .transports.select import check_transport
 
 PLAN_CACHE = 4096  # plans kept per communicator (one per collective, dtype, op, count, algorithm)
 
@@ -37,7 +36,12 @@ class Communicator:
     calls on one communicator must be ordered (one stream, or streams the caller synchronises)
     and made from one thread at a time.
 
-    Device-side waits are bounded by :attr:`timeout` (seconds; env ``DETAR_TIMEOUT``, default
+    The bytes move through a transport (:attr:`transport`): ``"ipc"`` (one node, P2P between
+    every pair of GPUs: the kernels move them), ``"nccl"`` (NCCL/RCCL moves them, our kernels fold
+    them) or ``"hierarchical"`` (IPC inside nodes, NCCL between them). Every transport gives the
+    same bits for the same world size.
+
+    Waits for peers are bounded by :attr:`timeout` (seconds; env ``DETAR_TIMEOUT``, default
     300): a peer that never arrives makes every waiting rank raise
     :class:`~detar_cupy.PeerTimeoutError` on its next call or :meth:`check`, instead of hanging.
     Buffer sizes come from ``DETAR_STAGING_BYTES`` (per half, default 32 MiB) and
@@ -57,7 +61,12 @@ class Communicator:
                         "detar_cupy.init_process_group()")
 
     @classmethod
-    def _from_rendezvous(cls, rendezvous: Any, device: int) -> "Communicator":
+    def _from_rendezvous(cls, rendezvous: Any, device: int,
+                         transport: str = "auto") -> "Communicator":
+        """Build this rank's communicator (collective). ``transport``: ``"auto"`` (IPC where every
+        rank shares a node and every pair of GPUs has P2P, else NCCL: hierarchical where nodes
+        hold several GPUs with P2P), ``"ipc"`` or ``"nccl"``; every rank must pass the same."""
+        check_transport(transport)
         try:
             import cupy
         except ImportError as exc:
@@ -68,22 +77,19 @@ class Communicator:
         self._rdv = rendezvous
         self.rank = rendezvous.rank
         self.world_size = rendezvous.world_size
-        if self.world_size > _kernels.MAX_WORLD:
-            raise ValueError(f"world size {self.world_size} exceeds the maximum of "
-                             f"{_kernels.MAX_WORLD}")
         settings = Settings.from_env()
         self.device = cupy.cuda.Device(device)
         self.device.use()
         self._cupy = cupy
         self._ndarray = cupy.ndarray
         self._device_id = self.device.id
-        runtime = cupy.cuda.runtime
-        facts = (bool(runtime.is_hip), self.device.attributes["MultiProcessorCount"],
-                 runtime.deviceGetPCIBusId(self._device_id))
-        views = rendezvous.exchange((settings.shared() + (("ROCm build", facts[0]),), facts))
+        facts = transports.local_facts(self.device)
+        views = rendezvous.exchange((settings.shared() + (("ROCm build", facts.rocm),
+                                                          ("transport", transport)),
+                                     tuple(facts)))
         agree([v[0] for v in views])
-        self._transport = IpcTransport(rendezvous, self.device, settings,
-                                       [v[1][2] for v in views], [v[1][1] for v in views])
+        self._transport = transports.create(transport, rendezvous, self.device, settings,
+                                            [transports.RankFacts(*v[1]) for v in views])
         try:
             self._report = self._transport.report
             self._run = self._transport.run
@@ -103,7 +109,9 @@ class Communicator:
     # ---- lifecycle ---------------------------------------------------------------------------
     @property
     def transport(self) -> str:
-        """The transport that moves this communicator's bytes: ``"ipc"``."""
+        """The transport that moves this communicator's bytes: ``"ipc"``, ``"nccl"`` (flat) or
+        ``"hierarchical"``; a str whose ``reason`` says why it was chosen (e.g. why a
+        multi-node layout is flat: ranks of a node that are not contiguous)."""
         return self._transport.name
 
     @property
@@ -147,7 +155,7 @@ class Communicator:
         if self._failure is None:
             if self._report.word == 0:
                 return
-            self._failure = decode_error(self._report, self.rank, self.timeout)
+            self._failure = self._transport.failure()
             self._stopped = True
         raise self._failure
 
@@ -166,6 +174,12 @@ class Communicator:
         call on the current stream, then :meth:`synchronize`)."""
         self.all_reduce_buffers(0, 0, 0, "float32", "sum", None, "one_shot")
         self.synchronize()
+
+    def _beside(self, transport: str) -> "Communicator":
+        """Collective: another communicator of the same ranks and GPUs whose bytes move over
+        ``transport``, set up through this one's rendezvous (which it borrows: closing it leaves
+        this one's open). For the benchmark and the tests, which compare transports."""
+        return Communicator._from_rendezvous(_Borrowed(self._rdv), self._device_id, transport)
 
     def exchange(self, obj: Any) -> list:
         """Collective, host-side: every rank passes a small value (None, bool, int, str, bytes,
@@ -468,3 +482,20 @@ class Communicator:
             plan = self._remember(key, Call("broadcast", None, itemsize, "-", count, "-", root),
                                   0, 0, 0)
         self._launch(plan, stream, ptr, ptr)
+
+
+class _Borrowed:
+    """Another communicator's rendezvous, lent: exchanges go through it, close() leaves it open."""
+
+    def __init__(self, rendezvous: Any) -> None:
+        self._rdv = rendezvous
+        self.rank, self.world_size = rendezvous.rank, rendezvous.world_size
+
+    def exchange(self, obj: Any) -> list:
+        return self._rdv.exchange(obj)
+
+    def barrier(self) -> None:
+        self._rdv.exchange(None)
+
+    def close(self) -> None:
+        """Nothing: the owner closes the rendezvous."""

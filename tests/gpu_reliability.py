@@ -59,9 +59,17 @@ def _same_error(again: Any, first: BaseException) -> dict:
             "same_text": str(again) == str(first), "peer": getattr(again, "peer", None)}
 
 
+def process_group(rank: int, world: int, port: int) -> Any:
+    """The dead-peer test's communicator: init_process_group on loopback ``port``."""
+    import detar_cupy as dc
+
+    return dc.init_process_group(world, rank, port=port, timeout=60)
+
+
 def dead_peer_rank(rank: int, world: int, port: int, alg: str, victim: int, seed: int,
-                   conn) -> None:
-    """One rank of the dead-peer test; sends one report dict through ``conn``.
+                   make: Any, conn) -> None:
+    """One rank of the dead-peer test; sends one report dict through ``conn``. ``make``: a
+    module-level ``(rank, world, port) -> communicator`` (:func:`process_group` by default).
 
     All ranks warm up, meet on the host, then issue LOOP_CALLS all-reduces without synchronising;
     the victim sends the time and SIGKILLs itself before its KILL_AT-th call. A survivor records
@@ -70,9 +78,7 @@ def dead_peer_rank(rank: int, world: int, port: int, alg: str, victim: int, seed
     try:
         import cupy as cp
 
-        import detar_cupy as dc
-
-        comm = dc.init_process_group(world, rank, port=port, timeout=60)
+        comm = (make or process_group)(rank, world, port)
         host = np.random.default_rng([seed, rank]).standard_normal(ALG_COUNT[alg])
         x = cp.asarray(host.astype(np.float32))
         out = cp.empty_like(x)
@@ -82,7 +88,7 @@ def dead_peer_rank(rank: int, world: int, port: int, alg: str, victim: int, seed
         comm.exchange(None)  # every rank is at the same call count when the loop starts
         # The short bound only from here: a first call that loads kernels must not time out.
         comm.timeout = TIMEOUT_S
-        report: dict[str, Any] = {"timeout": comm.timeout}
+        report: dict[str, Any] = {"timeout": comm.timeout, "transport": str(comm.transport)}
         error = None
         try:
             for i in range(LOOP_CALLS):

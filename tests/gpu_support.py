@@ -41,15 +41,18 @@ def need(world: int) -> None:
 
 
 def spawn_with_env(fn: Callable[..., Any], world: int, env: dict[str, str], args=(),
-                   timeout: float = 900.0, devices: list[int] | None = None) -> list:
+                   timeout: float = 900.0, devices: list[int] | None = None,
+                   make_comm: Callable[..., Any] | None = None) -> list:
     """detar_cupy.spawn with ``env`` set in the ranks' environment; the whole run is bounded by
-    ``timeout`` seconds (spawn stops every rank and raises TimeoutError after that)."""
+    ``timeout`` seconds (spawn stops every rank and raises TimeoutError after that).
+    ``make_comm``: spawn's ``_make_comm`` (a module-level (rendezvous, device) -> communicator)."""
     import detar_cupy as dc
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        return dc.spawn(fn, world, args=args, timeout=timeout, devices=devices)
+        return dc.spawn(fn, world, args=args, timeout=timeout, devices=devices,
+                        _make_comm=make_comm)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -62,12 +65,14 @@ _CACHE: dict[Any, tuple[bool, Any]] = {}
 
 
 def cached_spawn(key: Any, fn: Callable[..., Any], world: int, env: dict[str, str], args=(),
-                 timeout: float = 900.0) -> list:
+                 timeout: float = 900.0, devices: list[int] | None = None,
+                 make_comm: Callable[..., Any] | None = None) -> list:
     """spawn_with_env once per ``key``; later calls return the same per-rank results, or raise the
     same exception again (so that a failed spawn is not repeated by every parametrized test)."""
     if key not in _CACHE:
         try:
-            _CACHE[key] = (True, spawn_with_env(fn, world, env, args, timeout))
+            _CACHE[key] = (True, spawn_with_env(fn, world, env, args, timeout, devices,
+                                                make_comm))
         except Exception as exc:
             _CACHE[key] = (False, exc)
     ok, value = _CACHE[key]

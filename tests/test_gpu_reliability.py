@@ -30,7 +30,7 @@ def test_dead_peer_raises_peer_timeout_on_every_survivor(world: int, alg: str) -
     victim = world // 2  # world 4: a middle rank, survivors on both sides of it
     port = rel.free_ports(1)[0]
     reports, exitcodes, wall = run_processes(
-        rel.dead_peer_rank, world, (world, port, alg, victim, SEED),
+        rel.dead_peer_rank, world, (world, port, alg, victim, SEED, None),
         report_within_s=60.0, exit_within_s=15.0)
     crashes = {r: rep["crash"] for r, rep in reports.items() if "crash" in rep}
     assert not crashes, crashes

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from .. import _kernels, _plan
 from .._ipc import SharedBuffers, check_devices
 from .._launch import Launcher
-from .._protocol import Ctx
+from .._protocol import Ctx, decode_error
 from .._settings import Settings
 from .._sharing import ranks_per_gpu
 from . import Call
@@ -28,12 +28,13 @@ def _launches(geom: _plan.Geometry, call: Call) -> tuple[_plan.Launch, ...]:
 
 class IpcTransport:
     """This rank's share of the IPC transport: its buffers, the peers' mapped buffers, the
-    kernels' context and the launcher."""
-
-    name = "ipc"
+    kernels' context and the launcher. ``name``: what the communicator reports (``"ipc"``, with
+    the reason it was chosen)."""
 
     def __init__(self, rendezvous: Any, device: Any, settings: Settings, bus_ids: Sequence[str],
-                 sm_counts: Sequence[int]) -> None:
+                 sm_counts: Sequence[int], name: str = "ipc") -> None:
+        self.name = name
+        self._rank = rendezvous.rank
         self._device = device
         check_devices(rendezvous.rank, device.id, list(bus_ids), settings.share_gpus)
         # Block b of every rank handles the same packs, so all ranks must launch the same grid.
@@ -52,6 +53,12 @@ class IpcTransport:
         self._buffers = SharedBuffers(rendezvous, settings.staging_bytes, settings.ll_bytes)
         self.report = self._buffers.report
         self._buffers.fill(self._ctx)
+
+    @property
+    def context(self) -> Ctx:
+        """The kernels' context (buffers, peers' mappings, epochs): for kernels that run beside
+        the IPC collectives on the same buffers (the hierarchical transport's node carry)."""
+        return self._ctx
 
     @property
     def timeout(self) -> float:
@@ -75,6 +82,10 @@ class IpcTransport:
                                                 l.grid, l.block, l.in_offset, l.out_offset,
                                                 l.count, l.aux, l.sig)
                          for l in self.launches(call))
+
+    def failure(self) -> Exception:
+        """The error the kernels reported."""
+        return decode_error(self.report, self._rank, self.timeout)
 
     def close(self) -> None:
         self._buffers.close()

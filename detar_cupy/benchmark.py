@@ -8,6 +8,12 @@ an inference engine that captures its all-reduces sees). Every row counts the el
 differ from detar_cupy.reference (#wrong): it must be 0 for detar_cupy's rows; for NCCL and torch
 it is informational, since neither promises that fold order.
 
+Transport rows: ``nccl_transport`` is detar_cupy's all-reduce (``auto``) over its NCCL transport
+(NCCL moves the bytes, our kernels fold: flat, every rank on this machine); ``hier_transport``
+is the hierarchical transport with the machine's ranks split into two simulated nodes
+(``DETAR_NODE``: ranks 0..N/2-1 and N/2..N-1, IPC inside each, NCCL between; needs 4 or more
+ranks, an even number). On one machine both measure the schedules' overheads, not a network.
+
 torch rows (``torch_symm_one_shot``, ``torch_symm_two_shot``): ``torch.ops.symm_mem``'s one-shot
 (out of place) and two-shot (in place) all-reduce on a symmetric buffer, launched on the timed
 stream, never the multicast (multimem) variants: NVLink multicast stays off
@@ -37,7 +43,10 @@ from .dtypes import numpy_dtype
 
 KIB = 1 << 10
 DEFAULT_SIZES = tuple(KIB << (2 * i) for i in range(10))  # 1 KiB .. 256 MiB
-DETAR_IMPLS = ("auto", "ll", "one_shot", "two_shot")
+ALGORITHM_IMPLS = ("auto", "ll", "one_shot", "two_shot")
+#: detar_cupy over its NCCL transport: flat, and hierarchical across two simulated nodes.
+TRANSPORT_IMPLS = {"nccl_transport": "nccl", "hier_transport": "hierarchical"}
+DETAR_IMPLS = ALGORITHM_IMPLS + tuple(TRANSPORT_IMPLS)  # rows whose #wrong must be 0
 TORCH_IMPLS = ("torch_symm_one_shot", "torch_symm_two_shot")
 IMPLS = DETAR_IMPLS + ("nccl",) + TORCH_IMPLS
 _NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "bfloat16": "NCCL_BFLOAT16"}
@@ -270,6 +279,41 @@ def _start_torch(comm: Any, max_bytes: int, notes: _Notes) -> _TorchSymm | None:
     return symm
 
 
+def _start_transports(comm: Any, impls: Sequence[str], notes: _Notes) -> dict[str, Any]:
+    """{impl: communicator over that transport} for the TRANSPORT_IMPLS asked for, on every
+    rank alike (an impl that fails on any rank is left out, with a note)."""
+    out = {}
+    for impl, want in TRANSPORT_IMPLS.items():
+        if impl not in impls:
+            continue
+        halves = comm.world_size // 2
+        saved = os.environ.get("DETAR_NODE")
+        tcomm, reason = None, None
+        if want == "hierarchical" and (comm.world_size < 4 or comm.world_size % 2):
+            reason = f"needs an even world of 4 or more ranks, got {comm.world_size}"
+        else:
+            if want == "hierarchical":  # two simulated nodes on this machine
+                os.environ["DETAR_NODE"] = f"bench-node-{comm.rank // halves}"
+            try:
+                tcomm = comm._beside("nccl")
+                if tcomm.transport != want:
+                    reason = f"got the {tcomm.transport} transport ({tcomm.transport.reason})"
+            except Exception as exc:  # no NCCL in this CuPy, NCCL init failure, ...
+                reason = _reason(exc)
+            finally:
+                if want == "hierarchical":
+                    if saved is None:
+                        os.environ.pop("DETAR_NODE", None)
+                    else:
+                        os.environ["DETAR_NODE"] = saved
+        if _failed_anywhere(comm, reason, notes, impl, "unavailable"):
+            if tcomm is not None:
+                tcomm.close()
+        else:
+            out[impl] = tcomm
+    return out
+
+
 def _torch_supports(comm: Any, symm: _TorchSymm, stream: Any, name: str, impl: str,
                     notes: _Notes) -> bool:
     """Whether ``impl`` runs for dtype ``name`` on every rank (a small collective trial)."""
@@ -361,6 +405,7 @@ def run_rank(comm: Any, sizes: Sequence[int], dtypes: Sequence[str], impls: Sequ
     stream = cp.cuda.Stream(non_blocking=True)
     notes = _Notes(comm.rank)
     nc = _start_nccl(comm, notes) if "nccl" in impls else None
+    others = _start_transports(comm, impls, notes)
     symm = (_start_torch(comm, max(sizes), notes) if any(i in TORCH_IMPLS for i in impls)
             else None)
     torch_ok = {(name, impl): symm is not None and _torch_supports(comm, symm, stream, name,
@@ -374,6 +419,8 @@ def run_rank(comm: Any, sizes: Sequence[int], dtypes: Sequence[str], impls: Sequ
             return nc is not None and _nccl_type(name) is not None
         if impl in TORCH_IMPLS:
             return torch_ok[(name, impl)]
+        if impl in TRANSPORT_IMPLS:
+            return impl in others
         return True
 
     plan = measurement_plan(sizes, dtypes, impls, runs)
@@ -393,7 +440,8 @@ def run_rank(comm: Any, sizes: Sequence[int], dtypes: Sequence[str], impls: Sequ
                 if impl in TORCH_IMPLS:
                     row = _measure_torch(comm, symm, impl, name, host, stream, graphs, notes)
                 else:
-                    row = _measure_cupy(comm, nc, impl, name, x, out, kw, stream, graphs, notes)
+                    row = _measure_cupy(others.get(impl, comm), nc, impl, name, x, out, kw,
+                                        stream, graphs, notes)
                 done += 1
                 if row is None:
                     if progress and comm.rank == 0:
@@ -412,6 +460,8 @@ def run_rank(comm: Any, sizes: Sequence[int], dtypes: Sequence[str], impls: Sequ
                     print(progress_line(done, total, name, nbytes, impl, row["eager_us"],
                                         row.get("graph_us")), file=sys.stderr, flush=True)
     finally:
+        for tcomm in others.values():
+            tcomm.close()
         if symm is not None:
             try:
                 symm.close()
@@ -464,7 +514,8 @@ def _timings(comm: Any, call: Callable[[], Any], stream: Any, nbytes: int, graph
 
 def _measure_cupy(comm: Any, nc: Any, impl: str, name: str, x: Any, out: Any, kw: dict,
                   stream: Any, graphs: bool, notes: _Notes) -> dict:
-    """detar_cupy (``impl`` an algorithm) or NCCL: one checked call, then the timings."""
+    """detar_cupy (``impl`` an algorithm, or a transport whose communicator ``comm`` is) or
+    NCCL: one checked call, then the timings."""
     import cupy as cp
 
     if impl == "nccl":
@@ -475,8 +526,10 @@ def _measure_cupy(comm: Any, nc: Any, impl: str, name: str, x: Any, out: Any, kw
         def call() -> None:
             nc.allReduce(x.data.ptr, out.data.ptr, x.size, kind, nccl.NCCL_SUM, stream.ptr)
     else:
+        algorithm = "auto" if impl in TRANSPORT_IMPLS else impl
+
         def call() -> None:
-            comm.all_reduce(x, out, stream=stream, algorithm=impl, **kw)
+            comm.all_reduce(x, out, stream=stream, algorithm=algorithm, **kw)
     with stream:  # poison on the timed stream: no race with the call
         out.fill(0)
     call()
@@ -643,7 +696,7 @@ def plot(rows: list[dict], world: int, path: str) -> bool:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     a.legend(fontsize=7)
-    others = sorted({r["impl"] for r in rows} - set(DETAR_IMPLS))
+    others = sorted({r["impl"] for r in rows} - set(DETAR_IMPLS))  # what detar is compared to
     fig.suptitle(f"detar_cupy all-reduce vs {', '.join(others) or 'nothing else'}, {world} GPUs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -104,10 +104,11 @@ def test_measurement_plan_keeps_order_and_filters() -> None:
                                       benchmark.IMPLS, runs)
     assert [(n, b) for n, b, _ in plan] == [("float16", 1024), ("float16", 1 << 20),
                                             ("bfloat16", 1024), ("bfloat16", 1 << 20)]
-    assert plan[0][2] == ["auto", "ll", "one_shot", "two_shot", "nccl"]
-    assert plan[3][2] == ["auto", "one_shot", "two_shot", "nccl", "torch_symm_one_shot",
-                          "torch_symm_two_shot"]
-    assert sum(len(p[2]) for p in plan) == 5 + 4 + 7 + 6
+    transports = ["nccl_transport", "hier_transport"]
+    assert plan[0][2] == ["auto", "ll", "one_shot", "two_shot", *transports, "nccl"]
+    assert plan[3][2] == ["auto", "one_shot", "two_shot", *transports, "nccl",
+                          "torch_symm_one_shot", "torch_symm_two_shot"]
+    assert sum(len(p[2]) for p in plan) == 7 + 6 + 9 + 8
 
 
 def test_wrong_elements_counts_elements_not_bytes() -> None:

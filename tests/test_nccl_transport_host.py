@@ -220,3 +220,30 @@ def test_watchdog_turns_a_stalled_call_into_peer_timeout(monkeypatch) -> None:
     assert err.peer == 1 and "peer rank 1" in str(err) and "has exited" in str(err), str(err)
     assert "more than 0.2 s" in str(err) and "all_reduce" in str(err), str(err)
     assert res["aborted"]
+
+
+def _captured(comm: Any, memory: F.Memory) -> dict:
+    """Calls made while the stream is being captured are not tracked by the watchdog (their
+    events could not be queried) and still give the reference's bits."""
+    import cupy
+
+    xs = [_values(q, 500, "float16", 12) for q in range(comm.world_size)]
+    src = _buffer(memory, xs[comm.rank])
+    comm.barrier()
+    rt = cupy.cuda.runtime
+    capturing, record = rt.streamIsCapturing, rt.eventRecord
+    recorded = []
+    rt.streamIsCapturing = lambda stream: True
+    rt.eventRecord = lambda ev, stream: recorded.append(ev)
+    try:
+        comm.all_reduce_buffers(src, src, 500, "float16", "sum", 0, "two_shot")
+    finally:
+        rt.streamIsCapturing, rt.eventRecord = capturing, record
+    comm.synchronize()
+    got = np.frombuffer(F.read(src, 1000), dtype=np.float16)
+    return {"events": len(recorded), "exact": reference.bits_equal(got, reference.all_reduce(xs))}
+
+
+def test_captured_calls_are_not_tracked(monkeypatch) -> None:
+    (res,) = run_ranks(1, _captured, monkeypatch)
+    assert res == {"events": 0, "exact": True}

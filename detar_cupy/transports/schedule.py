@@ -23,11 +23,10 @@ Paths (``Schedule.path``):
   shares them by IPC; reduce_scatter sends each result to its owner. Chunks are pipelined: at
   tick t node k folds chunk t-k, so every link is busy once the pipeline is full::
 
-      tick:       0      1      2      3      4      5
-      node 0:   fold0  fold1  fold2
-      node 1:          fold0  fold1  fold2                 partials 0 -> 1 at ticks 1, 2, 3
-      node 1:                 res0   res1   res2           (last node: results)
-      node 0:                        res0   res1   res2    results 1 -> 0 at ticks 3, 4, 5
+      tick:       0      1      2      3      4
+      node 0:   fold0  fold1  fold2                      partials 0 -> 1 at ticks 1, 2, 3
+      node 1:          fold0  fold1  fold2               (the last node's folds end in results)
+      node 0:                 res0   res1   res2         results 1 -> 0 at ticks 2, 3, 4
 
 Chunks never change bits: element i is folded over ranks 0..N-1 in order whichever chunk, slice,
 piece or node it falls in. Staging is bounded (``DETAR_STAGING_BYTES``); nothing is allocated per

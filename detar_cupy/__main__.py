@@ -53,7 +53,7 @@ def doctor(world: int) -> None:
     for a in range(world):
         print("  " + " ".join("-" if a == b else ("Y" if rt.deviceCanAccessPeer(a, b) else "N")
                               for b in range(world)))
-    keys = [k for k in _kernels.module_keys() if k.world_size == world]
+    keys = [k for k in _kernels.module_keys() if k.world_size in (0, world)]
     for key in keys:
         for name in _kernels.kernel_names(key):
             _kernels.function(key, name, 0)
@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--out", default=None, help="prefix for the .json and .png files")
     p_bench.add_argument("--no-graphs", action="store_true")
     p_bench.add_argument("--impls", default=None,
-                         help="comma-separated subset of auto,ll,one_shot,two_shot,nccl,"
-                              "torch_symm_one_shot,torch_symm_two_shot (default: all)")
+                         help="comma-separated subset of auto,ll,one_shot,two_shot,"
+                              "nccl_transport,hier_transport,nccl,torch_symm_one_shot,"
+                              "torch_symm_two_shot (default: all)")
     args = parser.parse_args(argv)
 
     gpus = info()

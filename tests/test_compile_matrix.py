@@ -16,8 +16,12 @@ What is compiled (tier ``DETAR_MATRIX``: ``ci`` by default, ``full`` for everyth
   sizes spread over gfx908/gfx90a/gfx940, each of which also gets the largest one), i.e. every
   dtype/op/algorithm on every target. Modules are batched into translation units
   (``render(keys)``) compiled in parallel processes.
+- the NCCL transport's modules (``fold.hip``): its folds, copies and header kernels (world size
+  0: any) get full code generation on every target; its node carry kernels (per node size) are
+  spread over the targets by world size like the IPC modules.
 - cubin: CuPy's exact ``-arch=sm_XX`` (NVRTC runs ptxas) on every dtype's module at one world
-  size (CUBIN_WORLD), for both CUDA targets: every inline-asm site assembled for each target.
+  size (CUBIN_WORLD) and on the NCCL transport's fold modules, for both CUDA targets: every
+  inline-asm site assembled for each target.
 - front end: every module, syntax only (NVRTC ``-fdevice-syntax-only``; hiprtc's front end on
   the clang replica with ``-fsyntax-only``), on every target whose full-codegen share is partial,
   and for every other CuPy version's option set that differs in more than include directories
@@ -240,8 +244,10 @@ def full_codegen(key: K.ModuleKey, arch: str) -> bool:
 def build_jobs(targets) -> list[Job]:
     batch = int(os.environ.get("DETAR_MATRIX_BATCH", "6"))
     allkeys = [(k.dtype, k.world_size, k.family) for k in K.module_keys()]
+    # the IPC modules at one world size and the NCCL transport's folds (any world size) hold
+    # every inline-asm site; its node carry kernels add none of their own
     cubin_keys = tuple((k.dtype, k.world_size, k.family) for k in K.module_keys()
-                       if k.world_size in (0, CUBIN_WORLD))
+                       if (k.family, k.world_size) in (("ipc", CUBIN_WORLD), ("nccl", 0)))
     jobs = []
     for platform, arch in targets:
         if not _availability(arch):

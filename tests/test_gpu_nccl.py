@@ -4,8 +4,9 @@
 and replay; a mismatch and a dead peer raising within the timeout.
 
 Ranks share one GPU (DETAR_SHARE_GPUS=1; each rank sets its own NCCL_HOSTID, so NCCL runs them
-as separate hosts over sockets: about 5 ms per NCCL call). Opt-in: ``-m nccl`` (with ``-m gpu``,
-every GPU test). About 1-2 minutes with the kernels in CuPy's cache."""
+as separate hosts over sockets: about 5 ms per NCCL call), so one GPU is enough. In the default
+GPU run; ``-m nccl`` selects only these. About 1-2 minutes with the kernels in CuPy's cache
+(``python -m detar_cupy compile --worlds 2,4`` fills it in parallel)."""
 from __future__ import annotations
 
 import signal

@@ -385,6 +385,8 @@ class NcclTransport:
     # ---- the watchdog ------------------------------------------------------------------------
     def _watch(self) -> None:
         self._rt.setDevice(self._device.id)
+        if not self._rt.is_hip:
+            _relaxed_capture_mode()
         while not self._stop.wait(_POLL_S):
             try:
                 self._poll()
@@ -482,6 +484,18 @@ def _group(nccl: Any, ops: tuple, bases: tuple, stream: int) -> None:
             fn(bases[space] + offset, nbytes, nccl.NCCL_UINT8, peer, stream)
     finally:
         nccl.groupEnd()
+
+
+def _relaxed_capture_mode() -> None:
+    """Let this thread query events while another thread captures a CUDA graph in global mode
+    (torch.cuda.graph's default), which otherwise forbids such calls from every thread and
+    invalidates the capture (torch's NCCL watchdog does the same). The mode is the driver's, per
+    thread: set through the driver API, the one CUDA library every process shares."""
+    try:
+        mode = ctypes.c_int(2)  # CU_STREAM_CAPTURE_MODE_RELAXED
+        ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))
+    except (OSError, AttributeError):  # no driver library by that name: leave the default
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Sequence
 
+from . import _protocol
+from ._protocol import MAX_BLOCKS, MAX_WORLD, THREADS
 from .dtypes import DTYPES
 
-MAX_WORLD = 8  # MAX_N in collectives.hip
-MAX_BLOCKS = 128  # MAX_BLOCKS in collectives.hip
-THREADS = 512  # __launch_bounds__ of every kernel
+__all__ = ["MAX_BLOCKS", "MAX_WORLD", "THREADS", "ModuleKey", "function", "kernel_names",
+           "module_keys", "moving_name", "nop_name", "precompile", "reducing_name", "render"]
 
 #: Reducing algorithms and the device entry each one instantiates.
 REDUCING = ("ll", "one_shot", "two_shot", "reduce_scatter")
@@ -37,10 +38,16 @@ _OP_FUNCTOR = {"sum": "OpSum", "prod": "OpProd", "min": "OpMin", "max": "OpMax",
 _MODE = {"one_shot": "ONE_SHOT", "two_shot": "TWO_SHOT", "reduce_scatter": "REDUCE_SCATTER",
          "all_gather": "ALL_GATHER", "broadcast": "BROADCAST"}
 _SOURCES = ("portability.h", "arith.h", "collectives.hip")
-_WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECTOR"}
+#: Deliberately wrong renders for the static ISA checks, which must catch each of them.
+_WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECTOR",
+           "ftz": "DETAR_WEAKEN_FTZ", "ll_lines": "DETAR_WEAKEN_LL_LINES",
+           "wave_release": "DETAR_WEAKEN_WAVE_RELEASE"}
 
+# Every kernel takes the same parameters (packed once per plan by _launch.Launcher): count is
+# this launch's elements, total and chunk place it in the whole call (signature, reports).
 _ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Ctx c, const void* in, '
-          "void* out, u64_t count, u64_t aux, u32_t sig) {{\n  {call};\n}}\n")
+          "void* out, u64_t count, u64_t aux, u64_t sig, u64_t total, u64_t chunk) "
+          "{{\n  {call};\n}}\n")
 
 
 @dataclass(frozen=True)
@@ -75,15 +82,16 @@ def _entries(key: ModuleKey):
         yield nop_name(n), "(void)c"  # the host-cost floor of the benchmark: a launch, no work
         for size, ctype in MOVING_SIZES.items():
             for kind in MOVING:
-                yield (moving_name(size, n, kind),
-                       f"collective<{ctype}, OpSum, {n}, {_MODE[kind]}>({args}, aux, sig)")
+                yield (moving_name(size, n, kind), f"collective<{ctype}, OpSum, {n}, "
+                       f"{_MODE[kind]}>({args}, aux, sig, total, chunk)")
         return
     dt = DTYPES[key.dtype]
     for op in dt.ops:
         functor = _OP_FUNCTOR[op]
         for alg in REDUCING:
-            call = (f"ll_all_reduce<{dt.ctype}, {functor}, {n}>({args}, sig)" if alg == "ll" else
-                    f"collective<{dt.ctype}, {functor}, {n}, {_MODE[alg]}>({args}, aux, sig)")
+            call = (f"ll_all_reduce<{dt.ctype}, {functor}, {n}>({args}, sig, total, chunk)"
+                    if alg == "ll" else f"collective<{dt.ctype}, {functor}, {n}, "
+                    f"{_MODE[alg]}>({args}, aux, sig, total, chunk)")
             yield reducing_name(key.dtype, op, n, alg), call
 
 
@@ -103,20 +111,25 @@ def _library_source() -> str:
     return "\n".join(pkg.joinpath(name).read_text() for name in _SOURCES)
 
 
-def render(keys: Sequence[ModuleKey], *, weaken: str | None = None) -> str:
-    """One translation unit with the kernels of all ``keys``.
+def render(keys: Sequence[ModuleKey], *, weaken: str | None = None,
+           layouts: dict[str, type] | None = None) -> str:
+    """One translation unit with the kernels of all ``keys``: the shared constants of
+    :mod:`detar_cupy._protocol`, the library source, a ``static_assert`` per field of every
+    shared struct, and the ``extern "C"`` entries.
 
-    ``weaken`` renders a deliberately wrong variant for the static ISA tests only:
-    ``"flag_scope"`` (barrier flags at block scope) or ``"vector"`` (scalar data loads).
+    ``weaken`` renders a deliberately wrong variant for the static ISA tests only (see
+    ``_WEAKEN``: block-scope flags, scalar data loads, flushing f32 multiply/divide, 32-bit LL
+    line elements, no per-wave release before the barrier). ``layouts`` replaces the ctypes
+    layouts the asserts check (tests: a drifted layout must not compile).
     """
-    head = ""
+    head = _protocol.render_constants()
     if weaken is not None:
         if weaken not in _WEAKEN:
             raise ValueError(f"unknown weaken {weaken!r}; one of {sorted(_WEAKEN)}")
-        head = f"#define {_WEAKEN[weaken]} 1\n"
+        head = f"#define {_WEAKEN[weaken]} 1\n" + head
     body = "".join(_ENTRY.format(threads=THREADS, name=name, call=call)
                    for key in keys for name, call in _entries(key))
-    return head + _library_source() + "\n" + body
+    return (head + _library_source() + "\n" + _protocol.render_layout_asserts(layouts) + body)
 
 
 def compile_options(platform: str) -> tuple[str, ...]:

@@ -49,7 +49,8 @@ class IpcTransport:
         self.run = self._launcher.run
         # Last, so that nothing after the allocations can fail (SharedBuffers releases what it
         # allocated if one of its own steps fails).
-        self._buffers = SharedBuffers(rendezvous, settings.staging_bytes, settings.ll_bytes)
+        self._buffers = SharedBuffers(rendezvous, settings.staging_bytes, settings.ll_bytes,
+                                      settings.first_epoch)
         self.report = self._buffers.report
         self._buffers.fill(self._ctx)
 
@@ -73,7 +74,7 @@ class IpcTransport:
         with self._device:
             return tuple(self._launcher.prepare(_kernels.function(l.module, l.kernel, dev).ptr,
                                                 l.grid, l.block, l.in_offset, l.out_offset,
-                                                l.count, l.aux, l.sig)
+                                                l.count, l.aux, l.sig, l.total, l.chunk)
                          for l in self.launches(call))
 
     def close(self) -> None:

@@ -92,8 +92,9 @@ class Communicator:
         share = shared_gpus_allowed()
         sms = self.device.attributes["MultiProcessorCount"]
         runtime = cupy.cuda.runtime
-        configs = rendezvous.exchange((stage, ll, max_blocks, runtime.is_hip, int(share), sms,
-                                       runtime.deviceGetPCIBusId(self._device_id)))
+        # Plain bool/int/str: the rendezvous carries only those (and bytes, tuples, lists).
+        configs = rendezvous.exchange((stage, ll, max_blocks, bool(runtime.is_hip), int(share),
+                                       int(sms), runtime.deviceGetPCIBusId(self._device_id)))
         differ = [f"{what}: " + ", ".join(f"rank {r} {c[i]}" for r, c in enumerate(configs))
                   for i, what in enumerate(_SHARED_SETTINGS)
                   if any(c[i] != configs[0][i] for c in configs)]

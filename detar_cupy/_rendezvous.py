@@ -877,16 +877,19 @@ def _bind_unix(sock: socket.socket, path: str) -> None:
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-    # The file exists: left over from a rank 0 that died if nothing answers on it. Then replace
-    # it; if something answers, the path is in use.
+    # The file exists. Left over from a rank 0 that died if connecting to it is refused: then
+    # replace it. Anything else (accepted, or slow to answer) means something listens there.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except OSError:
-            os.unlink(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             sock.bind(path)
             return
+        except OSError:
+            pass
     raise OSError(errno.EADDRINUSE, f"{path} is in use")
 
 

@@ -27,10 +27,11 @@ network. What an intruder can do, state by state:
 
 - Before rank 0 listens. TCP: take the port first. Rank 0 then fails ("port in use"), and the
   joining ranks reach the squatter, which cannot answer their challenge without the secret: they
-  refuse it and say so. The squatter does learn one HMAC of two nonces under the secret, so a
-  guessable secret can be guessed offline: use a random one. Unix: the socket lives in a 0700
-  directory of this user (``$XDG_RUNTIME_DIR/detar_cupy`` or ``<tmp>/detar_cupy-<uid>``), where
-  another user can neither create nor reach it; a directory another user planted is refused.
+  refuse it and say so. The squatter does learn a joining rank's hello (job, world size, rank:
+  nothing secret) and HMACs under the secret of a nonce it chose, so a guessable secret can be
+  guessed offline: use a random one. Unix: the socket lives in a 0700 directory of this user
+  (``$XDG_RUNTIME_DIR/detar_cupy`` or ``<tmp>/detar_cupy-<uid>``), where another user can
+  neither create nor reach it; a directory another user planted is refused.
 - While rank 0 waits for the others. Whoever reaches the port may connect. Rank 0 serves all
   clients from one event loop and never waits on one of them: it reads each incrementally into a
   buffer, refuses a frame as soon as a length header over the limit arrives, gives each handshake
@@ -49,8 +50,8 @@ network. What an intruder can do, state by state:
 
 Not protected: the confidentiality of what crosses TCP. The values exchanged (settings, the NCCL
 unique id, CUDA/HIP IPC handles) travel in the clear. An IPC handle can only be opened on its own
-host, by a process that can use that GPU; the NCCL unique id holds the address of NCCL's own
-bootstrap, which NCCL does not authenticate. Nor protected: denial of service (flooding the port,
+host, but there by any process that can use that GPU, whoever's it is; the NCCL unique id holds
+the address of NCCL's own bootstrap, which NCCL does not authenticate. Nor protected: denial of service (flooding the port,
 squatting a TCP port before rank 0), and processes of the same user.
 
 Why a shared secret and HMAC, not TLS: the standard library's ``ssl`` needs certificates and keys
@@ -69,6 +70,7 @@ import ipaddress
 import multiprocessing
 import os
 import secrets
+import select
 import selectors
 import socket
 import stat
@@ -141,7 +143,8 @@ class _Link:
 
     Reads are incremental (:meth:`pump` never waits; :meth:`recv` waits at most until its
     deadline) and a frame over :attr:`limit` is refused as soon as its header arrives. After
-    :meth:`authenticate`, every frame carries a MAC and a sequence number in each direction.
+    :meth:`seal` every frame sent, after :meth:`require_seal` every frame received, carries a MAC
+    over its direction, sequence number, length and content.
     """
 
     def __init__(self, sock: socket.socket, me: str, peer: str,
@@ -152,44 +155,45 @@ class _Link:
         self.peer = peer  # who the peer is: "rank 3", "10.0.0.7:41234", "pid 812 (uid 1000)"
         self.limit = limit
         self._inbox = bytearray()
-        self._key: bytes | None = None
-        self._out_direction = self._in_direction = b""
+        self._seal: tuple[bytes, bytes] | None = None  # (session key, direction) of frames sent
+        self._check: tuple[bytes, bytes] | None = None  # the same for frames received
         self._sent = self._received = 0
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def authenticate(self, key: bytes, server: bool) -> None:
-        """MAC every frame from now on with the session ``key``."""
-        self._key = key
-        self._out_direction, self._in_direction = (b"<", b">") if server else (b">", b"<")
+    def seal(self, key: bytes, server: bool) -> None:
+        """MAC every frame sent from now on with the session ``key``."""
+        self._seal = (key, b"<" if server else b">")
+
+    def require_seal(self, key: bytes, server: bool) -> None:
+        """Refuse every frame received from now on that lacks a valid MAC under ``key``."""
+        self._check = (key, b">" if server else b"<")
 
     def pack(self, kind: bytes, message: bytes) -> bytes:
         """The frame for ``message``, ready for :meth:`send`; it must be sent (it takes the next
         sequence number)."""
         body = kind + message
-        if self._key is None:
+        if self._seal is None:
             return _HEADER.pack(len(body)) + body
-        tag = self._mac(self._out_direction, self._sent, body)
+        tag = _mac(*self._seal, self._sent, body)
         self._sent += 1
         return _HEADER.pack(len(body) + _MAC_BYTES) + body + tag
 
     def send(self, frames: bytes, deadline: float | None) -> None:
         """Write ``frames``, waiting at most until ``deadline`` for the peer to take them."""
-        remaining = _remaining(deadline)
-        if remaining == 0.0:
-            raise RendezvousTimeout(f"{self.me}: the time ran out before sending to {self.peer}")
-        try:
-            self._sock.settimeout(remaining)
-            self._sock.sendall(frames)
-        except socket.timeout:
-            raise RendezvousTimeout(f"{self.me}: {self.peer} did not take what was sent to it "
-                                    f"in time (is it still reading?)") from None
-        except OSError as exc:
-            raise _Closed(f"{self.me}: the connection to {self.peer} is closed or broken (did "
-                          f"{self.peer} exit?) ({exc})") from exc
-        finally:
-            self._sock.setblocking(False)
+        rest = memoryview(frames)
+        while rest:
+            try:
+                rest = rest[self._sock.send(rest):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise _Closed(f"{self.me}: the connection to {self.peer} is closed or broken "
+                              f"(did {self.peer} exit?) ({exc})") from exc
+            if rest and not _ready(self._sock, select.POLLOUT, _remaining(deadline)):
+                raise RendezvousTimeout(f"{self.me}: {self.peer} did not take what was sent to "
+                                        f"it in time (is it still reading?)")
 
     def offer(self, frames: bytes) -> bool:
         """Write ``frames`` without waiting; False unless the peer took all of them at once.
@@ -206,14 +210,13 @@ class _Link:
         """Read what has arrived, waiting at most ``wait`` seconds (None: no limit) for something;
         True if something was read. End of stream raises :class:`_Closed`."""
         try:
-            self._sock.settimeout(wait)
             chunk = self._sock.recv(_READ_BYTES)
-        except (socket.timeout, BlockingIOError, InterruptedError):
-            return False
+        except (BlockingIOError, InterruptedError):
+            if wait == 0.0 or not _ready(self._sock, select.POLLIN, wait):
+                return False
+            return self.pump()  # something has arrived: read it without waiting
         except OSError as exc:
             raise _Closed(f"{self.me}: the connection to {self.peer} is broken ({exc})") from exc
-        finally:
-            self._sock.setblocking(False)
         if not chunk:
             raise _Closed(f"{self.me}: {self.peer} closed the connection (did it exit?)")
         self._inbox += chunk
@@ -224,7 +227,7 @@ class _Link:
         if len(self._inbox) < _HEADER.size:
             return None
         size: int = _HEADER.unpack_from(self._inbox)[0]
-        tag = 0 if self._key is None else _MAC_BYTES
+        tag = 0 if self._check is None else _MAC_BYTES
         if not 1 + tag <= size <= self.limit + tag:
             raise RendezvousError(f"{self.me}: {self.peer} announced a frame of {size} bytes; "
                                   f"frames here hold 1 to {self.limit + tag} bytes")
@@ -233,8 +236,8 @@ class _Link:
         body = bytes(self._inbox[_HEADER.size:_HEADER.size + size - tag])
         mac = bytes(self._inbox[_HEADER.size + size - tag:_HEADER.size + size])
         del self._inbox[:_HEADER.size + size]
-        if self._key is not None:
-            if not hmac.compare_digest(mac, self._mac(self._in_direction, self._received, body)):
+        if self._check is not None:
+            if not hmac.compare_digest(mac, _mac(*self._check, self._received, body)):
                 raise RendezvousError(
                     f"{self.me}: a frame from {self.peer} failed authentication: it was changed, "
                     f"replayed, reordered or injected on the way (frame {self._received})")
@@ -258,10 +261,19 @@ class _Link:
     def close(self) -> None:
         self._sock.close()
 
-    def _mac(self, direction: bytes, sequence: int, body: bytes) -> bytes:
-        assert self._key is not None
-        return hmac.digest(self._key, direction + _SEQUENCE.pack(sequence) +
-                           _HEADER.pack(len(body)) + body, "sha256")
+
+def _ready(sock: socket.socket, event: int, timeout: float | None) -> bool:
+    """Whether ``sock`` becomes ready for ``event`` (select.POLLIN/POLLOUT) within ``timeout``
+    seconds (None: no limit)."""
+    poller = select.poll()
+    poller.register(sock, event)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _mac(key: bytes, direction: bytes, sequence: int, body: bytes) -> bytes:
+    """The MAC of frame number ``sequence`` sent in ``direction`` (b">": to rank 0)."""
+    return hmac.digest(key, direction + _SEQUENCE.pack(sequence) + _HEADER.pack(len(body)) + body,
+                       "sha256")
 
 
 class Rendezvous:
@@ -488,7 +500,7 @@ def connect(world_size: int, rank: int, *, host: str | None = None, port: int | 
         return Rendezvous(0, 1, {}, timeout=timeout)
     endpoint = _tcp_endpoint(host, port, secret) if secret else _unix_endpoint(port)
     if rank == 0:
-        peers = _Lobby(world_size, endpoint, _job_identity(), deadline, timeout).run()
+        peers = _Lobby(world_size, endpoint, deadline, timeout).run()
         return Rendezvous(0, world_size, peers, timeout=timeout)
     return _join(world_size, rank, endpoint, _job_identity(), deadline, timeout)
 
@@ -634,11 +646,11 @@ class _Lobby:
     others or make rank 0 fail (see the module's threat model).
     """
 
-    def __init__(self, world_size: int, endpoint: _Endpoint, job: str, deadline: float,
+    def __init__(self, world_size: int, endpoint: _Endpoint, deadline: float,
                  timeout: float) -> None:
         self.world_size = world_size
         self.endpoint = endpoint
-        self.job = job
+        self.job = ""
         self.deadline = deadline
         self.timeout = timeout
         self.pending: dict[_Link, _Handshake] = {}  # oldest first
@@ -652,6 +664,7 @@ class _Lobby:
         """Every joining rank's link, once all have joined and been welcomed."""
         listener, bound = _listen(self.endpoint)
         try:
+            self.job = _job_identity()  # after listening: the others may be dialing already
             self.selector.register(listener, selectors.EVENT_READ, None)
             self._admit(listener)
             welcome = _wire.encode(None)
@@ -754,7 +767,9 @@ class _Lobby:
                 raise RendezvousError(f"{link.peer} does not know the secret")
             link.offer(link.pack(_ACCEPT, _wire.encode(
                 (_proof(secret, b"server", shake.nonce, nonce),))))
-            link.authenticate(_proof(secret, b"session", shake.nonce, nonce), server=True)
+            session = _proof(secret, b"session", shake.nonce, nonce)
+            link.seal(session, server=True)
+            link.require_seal(session, server=True)
             shake.expect = _HELLO
             return
         version, job, world_size, rank = _fields(message, link.peer, int, str, int, int)
@@ -997,17 +1012,24 @@ def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, job: st
     if tuple(map(type, greeting)) != (str, int, bytes) or len(server_nonce) != (
             _NONCE_BYTES if secret else 0):
         raise RendezvousError(stranger)
-    if secret is not None:
+    hello = _wire.encode((PROTOCOL_VERSION, job, world_size, rank))
+    if secret is None:
+        link.send(link.pack(_HELLO, hello), deadline)
+    else:
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        response = (nonce, _proof(secret, b"client", server_nonce, nonce))
-        link.send(link.pack(_RESPONSE, _wire.encode(response)), deadline)
+        response = link.pack(_RESPONSE, _wire.encode(
+            (nonce, _proof(secret, b"client", server_nonce, nonce))))
+        session = _proof(secret, b"session", server_nonce, nonce)
+        link.seal(session, server=False)
+        # The hello goes with the response, a round trip sooner, before rank 0 has proven that
+        # it knows the secret: the hello holds nothing secret, and without the secret no one can
+        # pass a forged answer off as rank 0's.
+        link.send(response + link.pack(_HELLO, hello), deadline)
         (proof,) = _fields(expect(_ACCEPT)[1], where, bytes)
         if not hmac.compare_digest(proof, _proof(secret, b"server", server_nonce, nonce)):
             raise RendezvousError(f"rank {rank}: the process at {where} does not know the secret "
                                   f"(DETAR_AUTHKEY); refusing to talk to it")
-        link.authenticate(_proof(secret, b"session", server_nonce, nonce), server=False)
-    hello = (PROTOCOL_VERSION, job, world_size, rank)
-    link.send(link.pack(_HELLO, _wire.encode(hello)), deadline)
+        link.require_seal(session, server=False)
     if _wire.decode(expect(_WELCOME)[1], where) is not None:
         raise RendezvousError(f"rank {rank}: rank 0 at {where} sent a malformed welcome")
 

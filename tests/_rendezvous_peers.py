@@ -72,7 +72,9 @@ class Client:
         self.send(rdv._RESPONSE, (nonce, rdv._proof(key, b"client", server_nonce, nonce)))
         verdict = self.recv()
         if verdict[0] == rdv._ACCEPT:
-            self.link.authenticate(rdv._proof(key, b"session", server_nonce, nonce), server=False)
+            session = rdv._proof(key, b"session", server_nonce, nonce)
+            self.link.seal(session, server=False)
+            self.link.require_seal(session, server=False)
         return verdict
 
     def enter(self) -> None:

@@ -65,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import hmac
 import ipaddress
 import multiprocessing
@@ -155,18 +156,18 @@ class _Link:
         self.peer = peer  # who the peer is: "rank 3", "10.0.0.7:41234", "pid 812 (uid 1000)"
         self.limit = limit
         self._inbox = bytearray()
-        self._seal: tuple[bytes, bytes] | None = None  # (session key, direction) of frames sent
-        self._check: tuple[bytes, bytes] | None = None  # the same for frames received
+        self._seal: tuple[hmac.HMAC, bytes] | None = None  # (session key, direction) to send
+        self._check: tuple[hmac.HMAC, bytes] | None = None  # the same for frames received
         self._sent = self._received = 0
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def seal(self, key: bytes, server: bool) -> None:
-        """MAC every frame sent from now on with the session ``key``."""
+    def seal(self, key: hmac.HMAC, server: bool) -> None:
+        """MAC every frame sent from now on with the session ``key`` (see :func:`_keyed`)."""
         self._seal = (key, b"<" if server else b">")
 
-    def require_seal(self, key: bytes, server: bool) -> None:
+    def require_seal(self, key: hmac.HMAC, server: bool) -> None:
         """Refuse every frame received from now on that lacks a valid MAC under ``key``."""
         self._check = (key, b">" if server else b"<")
 
@@ -270,10 +271,18 @@ def _ready(sock: socket.socket, event: int, timeout: float | None) -> bool:
     return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
-def _mac(key: bytes, direction: bytes, sequence: int, body: bytes) -> bytes:
+def _keyed(key: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 keyed with ``key``, to copy for each message: keying once is half the work of
+    a MAC on a short message."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _mac(key: hmac.HMAC, direction: bytes, sequence: int, body: bytes) -> bytes:
     """The MAC of frame number ``sequence`` sent in ``direction`` (b">": to rank 0)."""
-    return hmac.digest(key, direction + _SEQUENCE.pack(sequence) + _HEADER.pack(len(body)) + body,
-                       "sha256")
+    mac = key.copy()
+    mac.update(direction + _SEQUENCE.pack(sequence) + _HEADER.pack(len(body)))
+    mac.update(body)
+    return mac.digest()
 
 
 class Rendezvous:
@@ -502,7 +511,7 @@ def connect(world_size: int, rank: int, *, host: str | None = None, port: int | 
     if rank == 0:
         peers = _Lobby(world_size, endpoint, deadline, timeout).run()
         return Rendezvous(0, world_size, peers, timeout=timeout)
-    return _join(world_size, rank, endpoint, _job_identity(), deadline, timeout)
+    return _join(world_size, rank, endpoint, deadline, timeout)
 
 
 def check_world(world_size: int, rank: int) -> None:
@@ -625,9 +634,11 @@ def _job_identity() -> str:
     return ""
 
 
-def _proof(secret: bytes, role: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+def _proof(secret: hmac.HMAC, role: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
     # The role keeps one side's proof from being replayed as the other's, or as the session key.
-    return hmac.digest(secret, role + server_nonce + client_nonce, "sha256")
+    mac = secret.copy()
+    mac.update(role + server_nonce + client_nonce)
+    return mac.digest()
 
 
 @dataclasses.dataclass
@@ -651,6 +662,7 @@ class _Lobby:
         self.world_size = world_size
         self.endpoint = endpoint
         self.job = ""
+        self.secret: hmac.HMAC | None = None
         self.deadline = deadline
         self.timeout = timeout
         self.pending: dict[_Link, _Handshake] = {}  # oldest first
@@ -664,7 +676,10 @@ class _Lobby:
         """Every joining rank's link, once all have joined and been welcomed."""
         listener, bound = _listen(self.endpoint)
         try:
-            self.job = _job_identity()  # after listening: the others may be dialing already
+            # After listening: the others may be dialing already.
+            self.job = _job_identity()
+            if self.endpoint.secret is not None:
+                self.secret = _keyed(self.endpoint.secret)
             self.selector.register(listener, selectors.EVENT_READ, None)
             self._admit(listener)
             welcome = _wire.encode(None)
@@ -720,7 +735,7 @@ class _Lobby:
                 return
             if len(self.pending) >= MAX_PENDING:
                 self._drop(next(iter(self.pending)))
-            secret = self.endpoint.secret
+            secret = self.secret
             link = _Link(sock, "rank 0", "", _HANDSHAKE_BODY)
             if secret is None:
                 pid, uid = link.credentials()
@@ -756,8 +771,8 @@ class _Lobby:
             raise RendezvousError(f"{link.peer} sent a {kind!r} frame where {shake.expect!r} "
                                   f"belongs")
         if kind == _RESPONSE:
-            assert self.endpoint.secret is not None
-            secret = self.endpoint.secret
+            assert self.secret is not None
+            secret = self.secret
             nonce, proof = _fields(message, link.peer, bytes, bytes)
             if len(nonce) != _NONCE_BYTES or not hmac.compare_digest(
                     proof, _proof(secret, b"client", shake.nonce, nonce)):
@@ -767,7 +782,7 @@ class _Lobby:
                 raise RendezvousError(f"{link.peer} does not know the secret")
             link.offer(link.pack(_ACCEPT, _wire.encode(
                 (_proof(secret, b"server", shake.nonce, nonce),))))
-            session = _proof(secret, b"session", shake.nonce, nonce)
+            session = _keyed(_proof(secret, b"session", shake.nonce, nonce))
             link.seal(session, server=True)
             link.require_seal(session, server=True)
             shake.expect = _HELLO
@@ -916,7 +931,7 @@ def _unlink_if_same(path: str, bound: tuple[int, int]) -> None:
             os.unlink(path)
 
 
-def _join(world_size: int, rank: int, endpoint: _Endpoint, job: str, deadline: float,
+def _join(world_size: int, rank: int, endpoint: _Endpoint, deadline: float,
           timeout: float) -> Rendezvous:
     """A joining rank's side of :func:`connect`."""
     last_error: BaseException | None = None
@@ -931,7 +946,7 @@ def _join(world_size: int, rank: int, endpoint: _Endpoint, job: str, deadline: f
             reached = True
             link = _Link(sock, f"rank {rank}", f"rank 0 at {endpoint.where}")
             try:
-                _enter(link, world_size, rank, endpoint, job, deadline, timeout)
+                _enter(link, world_size, rank, endpoint, deadline, timeout)
             except _Closed as exc:
                 # Rank 0 pushed this connection out while busy, or went away: dial again.
                 link.close()
@@ -968,11 +983,13 @@ def _dial(endpoint: _Endpoint, timeout: float) -> socket.socket:
     return sock
 
 
-def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, job: str,
-           deadline: float, timeout: float) -> None:
+def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, deadline: float,
+           timeout: float) -> None:
     """The joining side of the handshake, up to rank 0's welcome."""
     where = endpoint.where
-    secret = endpoint.secret
+    # What needs no answer first, while rank 0 prepares its greeting.
+    hello = _wire.encode((PROTOCOL_VERSION, _job_identity(), world_size, rank))
+    secret = None if endpoint.secret is None else _keyed(endpoint.secret)
     stranger = (f"rank {rank}: {where} answered, but not as a detar_cupy rank 0 would (wrong "
                 f"DETAR_HOST/DETAR_PORT?)")
     if secret is None:
@@ -1012,14 +1029,13 @@ def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, job: st
     if tuple(map(type, greeting)) != (str, int, bytes) or len(server_nonce) != (
             _NONCE_BYTES if secret else 0):
         raise RendezvousError(stranger)
-    hello = _wire.encode((PROTOCOL_VERSION, job, world_size, rank))
     if secret is None:
         link.send(link.pack(_HELLO, hello), deadline)
     else:
         nonce = secrets.token_bytes(_NONCE_BYTES)
         response = link.pack(_RESPONSE, _wire.encode(
             (nonce, _proof(secret, b"client", server_nonce, nonce))))
-        session = _proof(secret, b"session", server_nonce, nonce)
+        session = _keyed(_proof(secret, b"session", server_nonce, nonce))
         link.seal(session, server=False)
         # The hello goes with the response, a round trip sooner, before rank 0 has proven that
         # it knows the secret: the hello holds nothing secret, and without the secret no one can

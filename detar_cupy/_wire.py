@@ -51,7 +51,11 @@ def encode(value: Any) -> bytes:
     :data:`MAX_DEPTH` or a message over :data:`MAX_MESSAGE_BYTES`.
     """
     parts = [bytes([VERSION])]
-    _encode(value, parts, 0, "value")
+    try:
+        _encode(value, parts, 0)
+    except _Unsendable as exc:
+        where = "value" + "".join(f"[{i}]" for i in reversed(exc.path))
+        raise exc.error(f"{where} {exc}") from None
     message = b"".join(parts)
     if len(message) > MAX_MESSAGE_BYTES:
         raise ValueError(f"the value encodes to {len(message)} bytes, over the "
@@ -59,7 +63,17 @@ def encode(value: Any) -> bytes:
     return message
 
 
-def _encode(value: Any, parts: list[bytes], depth: int, path: str) -> None:
+class _Unsendable(Exception):
+    """A part of the value that encode() refuses: the error to raise, what is wrong with the
+    part, and where it is (indices, innermost first; the path is built only on failure)."""
+
+    def __init__(self, error: type[Exception], what: str) -> None:
+        super().__init__(what)
+        self.error = error
+        self.path: list[int] = []
+
+
+def _encode(value: Any, parts: list[bytes], depth: int) -> None:
     kind = type(value)
     if value is None:
         parts.append(b"N")
@@ -67,28 +81,33 @@ def _encode(value: Any, parts: list[bytes], depth: int, path: str) -> None:
         parts.append(b"T" if value else b"F")
     elif kind is int:
         if not _INT_MIN <= value <= _INT_MAX:
-            raise ValueError(f"{path} = {value} does not fit a signed 64-bit int")
+            raise _Unsendable(ValueError, f"= {value} does not fit a signed 64-bit int")
         parts.append(b"i" + _INT.pack(value))
     elif kind in _SIZED:
         if kind is str:
             try:
                 value = value.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise ValueError(f"{path} is not valid Unicode ({exc.reason})") from None
+                raise _Unsendable(ValueError, f"is not valid Unicode ({exc.reason})") from None
         if len(value) > MAX_MESSAGE_BYTES:  # refused before it is copied into the message
-            raise ValueError(f"{path} has {len(value)} bytes, over the {MAX_MESSAGE_BYTES}-byte "
-                             f"limit of one rendezvous message")
+            raise _Unsendable(ValueError, f"has {len(value)} bytes, over the "
+                                          f"{MAX_MESSAGE_BYTES}-byte limit of one rendezvous "
+                                          f"message")
         parts.append(_SIZED[kind] + _LENGTH.pack(len(value)))
         parts.append(value)
     elif kind in _CONTAINERS:
         if depth == MAX_DEPTH:
-            raise ValueError(f"{path} nests tuples/lists deeper than {MAX_DEPTH} levels")
+            raise _Unsendable(ValueError, f"nests tuples/lists deeper than {MAX_DEPTH} levels")
         parts.append(_CONTAINERS[kind] + _LENGTH.pack(len(value)))
         for i, item in enumerate(value):
-            _encode(item, parts, depth + 1, f"{path}[{i}]")
+            try:
+                _encode(item, parts, depth + 1)
+            except _Unsendable as exc:
+                exc.path.append(i)
+                raise
     else:
-        raise TypeError(f"{path} is a {kind.__module__}.{kind.__qualname__}; the rendezvous "
-                        f"carries only {TYPES_TEXT}")
+        raise _Unsendable(TypeError, f"is a {kind.__module__}.{kind.__qualname__}; the "
+                                     f"rendezvous carries only {TYPES_TEXT}")
 
 
 def decode(message: bytes, sender: str) -> Any:

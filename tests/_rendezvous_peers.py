@@ -69,10 +69,11 @@ class Client:
         frames carry MACs under the session key, as rank 0 expects."""
         server_nonce = self.greeting()
         nonce = b"n" * 32
-        self.send(rdv._RESPONSE, (nonce, rdv._proof(key, b"client", server_nonce, nonce)))
+        keyed = rdv._keyed(key)
+        self.send(rdv._RESPONSE, (nonce, rdv._proof(keyed, b"client", server_nonce, nonce)))
         verdict = self.recv()
         if verdict[0] == rdv._ACCEPT:
-            session = rdv._proof(key, b"session", server_nonce, nonce)
+            session = rdv._keyed(rdv._proof(keyed, b"session", server_nonce, nonce))
             self.link.seal(session, server=False)
             self.link.require_seal(session, server=False)
         return verdict

@@ -507,7 +507,7 @@ def connect(world_size: int, rank: int, *, host: str | None = None, port: int | 
     deadline = time.monotonic() + timeout
     if world_size == 1:
         return Rendezvous(0, 1, {}, timeout=timeout)
-    endpoint = _tcp_endpoint(host, port, secret) if secret else _unix_endpoint(port)
+    endpoint = _unix_endpoint(port) if secret is None else _tcp_endpoint(host, port, secret)
     if rank == 0:
         peers = _Lobby(world_size, endpoint, deadline, timeout).run()
         return Rendezvous(0, world_size, peers, timeout=timeout)
@@ -747,12 +747,12 @@ class _Lobby:
             else:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 link.peer = f"{address[0]}:{address[1]}"
-            nonce = secrets.token_bytes(_NONCE_BYTES) if secret else b""
+            nonce = b"" if secret is None else secrets.token_bytes(_NONCE_BYTES)
             greeting = _wire.encode((_NAME, PROTOCOL_VERSION, nonce))
             if not link.offer(link.pack(_GREETING, greeting)):
                 self._drop(link)
                 continue
-            step = _RESPONSE if secret else _HELLO
+            step = _HELLO if secret is None else _RESPONSE
             deadline = min(self.deadline, time.monotonic() + HANDSHAKE_S)
             self.pending[link] = _Handshake(step, nonce, deadline)
             self.selector.register(link, selectors.EVENT_READ, link)
@@ -1027,7 +1027,7 @@ def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, deadlin
                               f"same detar_cupy version everywhere")
     server_nonce = greeting[-1]
     if tuple(map(type, greeting)) != (str, int, bytes) or len(server_nonce) != (
-            _NONCE_BYTES if secret else 0):
+            0 if secret is None else _NONCE_BYTES):
         raise RendezvousError(stranger)
     if secret is None:
         link.send(link.pack(_HELLO, hello), deadline)

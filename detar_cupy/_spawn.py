@@ -95,12 +95,14 @@ def init_process_group(n_devices: int, rank: int, *, host: str | None = None,
     """Create this process's communicator in a group of ``n_devices`` processes started by
     someone else (torchrun, mpirun, a scheduler); every process calls it with its ``rank``.
 
-    Shaped like ``cupyx.distributed.init_process_group``. Rank 0 listens on ``host:port`` and the
-    others connect to it; see :func:`detar_cupy._rendezvous.connect` for ``host``, ``port`` and
-    ``authkey`` and their fallbacks ``DETAR_HOST`` (default ``127.0.0.1``), ``DETAR_PORT``
-    (default 29517) and ``DETAR_AUTHKEY`` (required, and secret, unless the host is loopback).
-    ``device`` defaults to ``rank % number of GPUs``. ``timeout`` bounds the wait for the other
-    ranks, in seconds.
+    Shaped like ``cupyx.distributed.init_process_group``. Rank 0 listens and the others connect
+    to it; see :func:`detar_cupy._rendezvous.connect` for ``host``, ``port`` and ``authkey`` and
+    their fallbacks ``DETAR_HOST`` (default ``127.0.0.1``), ``DETAR_PORT`` (default 29517) and
+    ``DETAR_AUTHKEY``. On loopback without a secret, ranks meet on a Unix socket only this user
+    can reach; with a secret (required off loopback, the same random value on every rank) over
+    TCP, every message authenticated with it. Nothing received is unpickled. ``device``
+    defaults to ``rank % number of GPUs``. ``timeout`` bounds the wait for the other ranks (and
+    each later exchange of setup values between them), in seconds.
     """
     check_world(n_devices, rank)
     if device is None:

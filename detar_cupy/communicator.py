@@ -78,8 +78,9 @@ class Communicator:
         self._ndarray = cupy.ndarray
         self._device_id = self.device.id
         runtime = cupy.cuda.runtime
-        facts = (bool(runtime.is_hip), self.device.attributes["MultiProcessorCount"],
-                 runtime.deviceGetPCIBusId(self._device_id))
+        # plain bool/int/str: the rendezvous carries only those (and bytes, tuples, lists)
+        facts = (bool(runtime.is_hip), int(self.device.attributes["MultiProcessorCount"]),
+                 str(runtime.deviceGetPCIBusId(self._device_id)))
         views = rendezvous.exchange((settings.shared() + (("ROCm build", facts[0]),), facts))
         agree([v[0] for v in views])
         self._transport = IpcTransport(rendezvous, self.device, settings,

@@ -35,7 +35,6 @@ def gloo_rank(rank: int, world: int, store: str, conn: Any) -> None:
     over subgroups, and the refusals that need a group; reports ("ok", {check: value}) or
     ("error", traceback)."""
     try:
-        import torch
         import torch.distributed as dist
 
         from detar_cupy import _wire
@@ -84,13 +83,19 @@ def gloo_rank(rank: int, world: int, store: str, conn: Any) -> None:
             out["not a member"] = None
         except Exception as exc:
             out["not a member"] = _error(exc)
-        # a DDP model of the whole group with a detar group of two ranks
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        # a DDP model (what register_ddp_comm_hook reads of one: DDP itself would import
+        # torch._dynamo, seconds per rank) of the whole group, and detar groups of 2 and 4 ranks
+        hooks: list[tuple] = []
+        model = types.SimpleNamespace(process_group=dist.group.WORLD,
+                                      register_comm_hook=lambda *args: hooks.append(args))
         try:
             register_ddp_comm_hook(model, DetarGroup(RecordingComm(2, rank % 2)))
             out["ddp size mismatch"] = None
         except Exception as exc:
             out["ddp size mismatch"] = _error(exc)
+        register_ddp_comm_hook(model, DetarGroup(RecordingComm(4, rank)), "sum")
+        out["ddp hook registered"] = [(type(state).__name__, state.op, hook.__name__)
+                                      for state, hook in hooks]
         dist.barrier()
         dist.destroy_process_group()
         conn.send(("ok", out))

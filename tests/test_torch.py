@@ -306,8 +306,9 @@ def test_from_process_group_needs_torch_distributed() -> None:
 @pytest.fixture(scope="module")
 def gloo_reports(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = tmp_path_factory.mktemp("gloo") / "store"
+    # generous bounds: 4 fresh interpreters importing torch on a loaded 2-core machine
     reports, exitcodes, wall = run_processes(gloo_rank, 4, (4, str(store)),
-                                             report_within_s=120.0)
+                                             report_within_s=240.0, exit_within_s=60.0)
     print(f"4 gloo ranks: {wall:.1f} s")
     for rank in range(4):
         assert rank in reports, (reports, exitcodes)
@@ -346,3 +347,4 @@ def test_what_the_adapter_and_from_process_group_refuse(gloo_reports: dict) -> N
         kind, text = out["ddp size mismatch"]
         assert kind == "ValueError" and text.startswith(
             "the model's process group has 4 ranks but the DetarGroup has 2"), text
+        assert out["ddp hook registered"] == [("DDPHookState", "sum", "ddp_comm_hook")]

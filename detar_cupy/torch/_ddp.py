@@ -1,9 +1,9 @@
 """A DistributedDataParallel communication hook that reduces gradient buckets through detar, so
 gradients are bitwise identical across runs and bucket sizes (``bucket_cap_mb``): element i of a
 bucket is the left fold of element i over the ranks, whatever bucket it lands in."""
-from __future__ import annotations
-
-from typing import Any, NamedTuple
+# No `from __future__ import annotations` here: DDP compares the hook's annotations with
+# dist.GradBucket and torch.futures.Future[torch.Tensor] themselves, not with strings.
+from typing import Any, NamedTuple, Union
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ class DDPHookState(NamedTuple):
     op: str = "avg"
 
 
-def ddp_comm_hook(state: DetarGroup | DDPHookState,
+def ddp_comm_hook(state: Union[DetarGroup, DDPHookState],
                   bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """``model.register_comm_hook(state, ddp_comm_hook)``: all-reduce the bucket in place on
     torch's current stream (the stream DDP's later copy into ``.grad`` runs on) and return a

@@ -207,7 +207,9 @@ class DetarGroup:
     def _all_reduce(self, tensor: Tensor, op: str, stream: Any, algorithm: str) -> None:
         name = self._reducible(tensor, "tensor")
         ptr = tensor.data_ptr()
-        self._comm.all_reduce_buffers(ptr, ptr, tensor.numel(), name, op, self._resolve(stream),
+        # the hottest path: _resolve inlined
+        self._comm.all_reduce_buffers(ptr, ptr, tensor.numel(), name, op,
+                                      self._stream(self._index) if stream is None else stream,
                                       algorithm)
 
     def _all_reduce_out(self, input: Tensor, op: str, stream: Any, algorithm: str) -> Tensor:
@@ -258,7 +260,9 @@ class DetarGroup:
             self._comm.all_reduce_coalesced_buffers(ptrs, counts, name, op, handle)
 
     # ---- argument checks: they depend on the call's shape only, never on pointers, so every
-    # rank of a correct program decides alike (a refusal on one rank would leave its peers waiting)
+    # rank of a correct program decides alike (a refusal on one rank would leave its peers waiting).
+    # The fast path tests get_device(), which is -1 for CPU and meta tensors: on a CUDA (ROCm)
+    # build of torch the only tensors with an index >= 0 are on its GPUs.
     def _usable(self, t: Any, what: str) -> None:
         try:
             if t.get_device() == self._index and t.is_contiguous() and not t.requires_grad:
@@ -286,8 +290,16 @@ class DetarGroup:
                              "torch.no_grad()")
 
     def _reducible(self, t: Any, what: str) -> str:
-        """The table dtype name of ``t`` after :meth:`_usable`."""
-        self._usable(t, what)
+        """The table dtype name of ``t`` after the checks of :meth:`_usable` (inlined: the hot
+        path of every reducing call)."""
+        try:
+            if t.get_device() == self._index and t.is_contiguous() and not t.requires_grad:
+                name = REDUCIBLE.get(t.dtype)
+                if name is not None:
+                    return name
+        except Exception:  # not a dense tensor: _explain says what it is
+            pass
+        self._explain(t, what)
         name = REDUCIBLE.get(t.dtype)
         if name is None:
             supported = ", ".join(str(d) for d in REDUCIBLE)

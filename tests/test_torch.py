@@ -52,17 +52,17 @@ def test_the_torch_layer_without_torch_names_the_extra() -> None:
 # ---------------------------------------------------------------- custom ops
 
 OPS = {
-    "all_reduce": "detar::all_reduce(Tensor input, SymInt group, str op, str algorithm) -> Tensor",
-    "all_reduce_": "detar::all_reduce_(Tensor(a0!) tensor, SymInt group, str op, str algorithm) "
+    "all_reduce": "detar::all_reduce(Tensor input, int group, str op, str algorithm) -> Tensor",
+    "all_reduce_": "detar::all_reduce_(Tensor(a!) tensor, int group, str op, str algorithm) "
                    "-> ()",
-    "reduce_scatter": "detar::reduce_scatter(Tensor input, SymInt group, str op) -> Tensor",
-    "reduce_scatter_into": "detar::reduce_scatter_into(Tensor(a0!) output, Tensor input, "
-                           "SymInt group, str op) -> ()",
-    "all_gather": "detar::all_gather(Tensor input, SymInt group) -> Tensor",
-    "all_gather_into": "detar::all_gather_into(Tensor(a0!) output, Tensor input, SymInt group) "
+    "reduce_scatter": "detar::reduce_scatter(Tensor input, int group, str op) -> Tensor",
+    "reduce_scatter_into": "detar::reduce_scatter_into(Tensor(a!) output, Tensor input, "
+                           "int group, str op) -> ()",
+    "all_gather": "detar::all_gather(Tensor input, int group) -> Tensor",
+    "all_gather_into": "detar::all_gather_into(Tensor(a!) output, Tensor input, int group) "
                        "-> ()",
-    "broadcast_": "detar::broadcast_(Tensor(a0!) tensor, SymInt group, SymInt src) -> ()",
-    "all_reduce_coalesced_": "detar::all_reduce_coalesced_(Tensor(a0!)[] tensors, SymInt group, "
+    "broadcast_": "detar::broadcast_(Tensor(a!) tensor, int group, int src) -> ()",
+    "all_reduce_coalesced_": "detar::all_reduce_coalesced_(Tensor(a!)[] tensors, int group, "
                              "str op) -> ()",
 }
 

@@ -2,20 +2,17 @@
 without a graph break and the compiled code calls them.
 
 An op cannot take a Python object, so a :class:`~detar_cupy.torch.DetarGroup` registers itself
-here under an int handle, which the ops take instead. Each op's real implementation is the group's
-eager collective; its fake implementation runs the same argument checks (no data needed) and
-returns outputs of the right shape, so the checks' errors also surface while a graph is traced.
+here under an int handle, which the ops take instead. The schemas are written out to declare it
+``int``, not the ``SymInt`` that type hints give: tracing must never make a key symbolic. Each
+op's real implementation is the group's eager collective; its fake implementation runs the same
+argument checks (no data needed) and returns outputs of the right shape, so the checks' errors
+also surface while a graph is traced.
 
-| op                                                               | eager method it stands for  |
-|------------------------------------------------------------------|-----------------------------|
-| ``all_reduce(Tensor input, SymInt group, str op, str algorithm) -> Tensor``  | all_reduce_out   |
-| ``all_reduce_(Tensor(a!) tensor, SymInt group, str op, str algorithm)``     | all_reduce       |
-| ``reduce_scatter(Tensor input, SymInt group, str op) -> Tensor``            | reduce_scatter_out |
-| ``reduce_scatter_into(Tensor(a!) output, Tensor input, SymInt group, str op)`` | reduce_scatter_tensor |
-| ``all_gather(Tensor input, SymInt group) -> Tensor``                        | all_gather_out   |
-| ``all_gather_into(Tensor(a!) output, Tensor input, SymInt group)``          | all_gather_into_tensor |
-| ``broadcast_(Tensor(a!) tensor, SymInt group, SymInt src)``                 | broadcast        |
-| ``all_reduce_coalesced_(Tensor(a!)[] tensors, SymInt group, str op)``       | all_reduce_coalesced |
+Op (``torch.ops.detar.*``) and the DetarGroup method it stands for: ``all_reduce``
+(all_reduce_out), ``all_reduce_`` (all_reduce), ``reduce_scatter`` (reduce_scatter_out),
+``reduce_scatter_into`` (reduce_scatter_tensor), ``all_gather`` (all_gather_out),
+``all_gather_into`` (all_gather_into_tensor), ``broadcast_`` (broadcast),
+``all_reduce_coalesced_`` (all_reduce_coalesced).
 """
 from __future__ import annotations
 
@@ -50,7 +47,8 @@ def lookup(handle: int) -> Any:
     return group
 
 
-@torch.library.custom_op("detar::all_reduce", mutates_args=())
+@torch.library.custom_op("detar::all_reduce", mutates_args=(),
+                         schema="(Tensor input, int group, str op, str algorithm) -> Tensor")
 def all_reduce(input: Tensor, group: int, op: str, algorithm: str) -> Tensor:
     return lookup(group)._all_reduce_out(input, op, None, algorithm)
 
@@ -61,7 +59,8 @@ def _(input: Tensor, group: int, op: str, algorithm: str) -> Tensor:
     return input.new_empty(input.shape)
 
 
-@torch.library.custom_op("detar::all_reduce_", mutates_args=("tensor",))
+@torch.library.custom_op("detar::all_reduce_", mutates_args=("tensor",),
+                         schema="(Tensor(a!) tensor, int group, str op, str algorithm) -> ()")
 def all_reduce_(tensor: Tensor, group: int, op: str, algorithm: str) -> None:
     lookup(group)._all_reduce(tensor, op, None, algorithm)
 
@@ -71,7 +70,8 @@ def _(tensor: Tensor, group: int, op: str, algorithm: str) -> None:
     lookup(group)._reducible(tensor, "tensor")
 
 
-@torch.library.custom_op("detar::reduce_scatter", mutates_args=())
+@torch.library.custom_op("detar::reduce_scatter", mutates_args=(),
+                         schema="(Tensor input, int group, str op) -> Tensor")
 def reduce_scatter(input: Tensor, group: int, op: str) -> Tensor:
     return lookup(group)._reduce_scatter_out(input, op, None)
 
@@ -83,7 +83,8 @@ def _(input: Tensor, group: int, op: str) -> Tensor:
     return input.new_empty(g._scattered_shape(input))
 
 
-@torch.library.custom_op("detar::reduce_scatter_into", mutates_args=("output",))
+@torch.library.custom_op("detar::reduce_scatter_into", mutates_args=("output",),
+                         schema="(Tensor(a!) output, Tensor input, int group, str op) -> ()")
 def reduce_scatter_into(output: Tensor, input: Tensor, group: int, op: str) -> None:
     lookup(group)._reduce_scatter_into(output, input, op, None)
 
@@ -93,7 +94,8 @@ def _(output: Tensor, input: Tensor, group: int, op: str) -> None:
     lookup(group)._reduce_scatter_pair(output, input)
 
 
-@torch.library.custom_op("detar::all_gather", mutates_args=())
+@torch.library.custom_op("detar::all_gather", mutates_args=(),
+                         schema="(Tensor input, int group) -> Tensor")
 def all_gather(input: Tensor, group: int) -> Tensor:
     return lookup(group)._all_gather_out(input, None)
 
@@ -105,7 +107,8 @@ def _(input: Tensor, group: int) -> Tensor:
     return input.new_empty(g._gathered_shape(input))
 
 
-@torch.library.custom_op("detar::all_gather_into", mutates_args=("output",))
+@torch.library.custom_op("detar::all_gather_into", mutates_args=("output",),
+                         schema="(Tensor(a!) output, Tensor input, int group) -> ()")
 def all_gather_into(output: Tensor, input: Tensor, group: int) -> None:
     lookup(group)._all_gather_into(output, input, None)
 
@@ -115,7 +118,8 @@ def _(output: Tensor, input: Tensor, group: int) -> None:
     lookup(group)._all_gather_pair(output, input)
 
 
-@torch.library.custom_op("detar::broadcast_", mutates_args=("tensor",))
+@torch.library.custom_op("detar::broadcast_", mutates_args=("tensor",),
+                         schema="(Tensor(a!) tensor, int group, int src) -> ()")
 def broadcast_(tensor: Tensor, group: int, src: int) -> None:
     lookup(group)._broadcast(tensor, src, None)
 
@@ -125,7 +129,8 @@ def _(tensor: Tensor, group: int, src: int) -> None:
     lookup(group)._movable(tensor, "tensor")
 
 
-@torch.library.custom_op("detar::all_reduce_coalesced_", mutates_args=("tensors",))
+@torch.library.custom_op("detar::all_reduce_coalesced_", mutates_args=("tensors",),
+                         schema="(Tensor(a!)[] tensors, int group, str op) -> ()")
 def all_reduce_coalesced_(tensors: list[Tensor], group: int, op: str) -> None:
     lookup(group)._all_reduce_coalesced(tensors, op, None)
 

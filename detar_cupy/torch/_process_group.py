@@ -32,7 +32,7 @@ class ProcessGroupRendezvous:
 
     def __init__(self, group: Any = None, *, device: int | None = None) -> None:
         self._group = dist.group.WORLD if group is None else group
-        self.rank: int = dist.get_rank(self._group)
+        self.rank: int = _member_rank(self._group)
         self.world_size: int = dist.get_world_size(self._group)
         backend = str(dist.get_backend(self._group)).lower()
         if any(name in backend for name in _CPU_BACKENDS):
@@ -97,9 +97,7 @@ def from_process_group(group: Any = None, *, device: int | torch.device | None =
                          "torch.distributed.init_process_group() first (or build a "
                          "Communicator with detar_cupy.init_process_group())")
     pg = dist.group.WORLD if group is None else group
-    if dist.get_rank(pg) < 0:
-        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the "
-                         "group passed to from_process_group; only the group's members call it")
+    _member_rank(pg)  # before anything that needs a GPU
     index = _device_index(device)
     rendezvous = ProcessGroupRendezvous(pg, device=index)
     try:
@@ -108,6 +106,15 @@ def from_process_group(group: Any = None, *, device: int | torch.device | None =
         rendezvous.close()
         raise
     return DetarGroup(comm, process_group=pg)
+
+
+def _member_rank(group: Any) -> int:
+    """This process's rank in ``group``; ValueError if it is not a member."""
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the "
+                         "group; only the group's members take part in its setup")
+    return rank
 
 
 def _device_index(device: int | torch.device | None) -> int:

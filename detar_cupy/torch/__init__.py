@@ -7,7 +7,7 @@ public API; ``import detar_cupy`` never imports torch.
     import torch.distributed as dist
     import detar_cupy.torch as dct
 
-    dist.init_process_group()                  # torchrun; then torch.cuda.set_device(local rank)
+    dist.init_process_group("cpu:gloo,cuda:nccl")  # torchrun; then torch.cuda.set_device(...)
     tp = dct.from_process_group()              # any group: setup goes through it (no port, no key)
     tp.all_reduce(x)                           # in place, like dist.all_reduce
     y = tp.all_reduce_out(x, op="avg")         # out of place, for inference code and torch.compile

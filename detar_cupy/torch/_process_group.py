@@ -14,17 +14,24 @@ from ..communicator import Communicator
 from ..errors import RendezvousError
 from ._group import DetarGroup
 
-# Backends whose collectives take CPU tensors: the setup then never touches the GPU's backend
-# (with "cpu:gloo,cuda:nccl" it does not even create an NCCL communicator).
-_CPU_BACKENDS = ("gloo", "mpi")
+
+def _talks_on_cpu(group: Any) -> bool:
+    """Whether ``group`` has a backend for CPU tensors. The setup then never touches the GPU's
+    backend: with "cpu:gloo,cuda:nccl" it does not even create an NCCL communicator. The backend
+    configuration says it per device ("cuda:nccl", "cpu:gloo,cuda:gloo"), also for groups made
+    without naming a backend, whose backend reads "undefined"."""
+    get_config = getattr(dist, "get_backend_config", None)
+    if get_config is not None:
+        return "cpu:" in str(get_config(group)).lower()
+    return str(dist.get_backend(group)).lower() in ("gloo", "mpi")
 
 
 class ProcessGroupRendezvous:
     """What the Communicator's setup talks through (``rank``, ``world_size``, ``exchange``,
     ``barrier``, ``close``), built on all-gathers of uint8 tensors over a torch.distributed group:
     first every rank's length, then the payloads padded to the longest. The tensors are on the
-    CPU when the group has a CPU backend (gloo, mpi), else on GPU ``device`` (default: torch's
-    current device; NCCL/RCCL).
+    CPU when the group has a backend for CPU tensors (gloo, mpi), else on GPU ``device`` (default:
+    torch's current device; NCCL/RCCL).
 
     Waits are bounded by the group's own timeout (``init_process_group(timeout=...)``). The
     group stays the caller's: :meth:`close` only stops this object.
@@ -34,8 +41,7 @@ class ProcessGroupRendezvous:
         self._group = dist.group.WORLD if group is None else group
         self.rank: int = _member_rank(self._group)
         self.world_size: int = dist.get_world_size(self._group)
-        backend = str(dist.get_backend(self._group)).lower()
-        if any(name in backend for name in _CPU_BACKENDS):
+        if _talks_on_cpu(self._group):
             self._device = torch.device("cpu")
         else:
             self._device = torch.device("cuda", torch.cuda.current_device() if device is None

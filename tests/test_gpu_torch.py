@@ -1,8 +1,8 @@
 """detar_cupy.torch on GPUs: every dtype, op and form on tensors bit-exact against the reference,
 torch's current stream, from_process_group (default group and the TP/DP subgroups of a 2x2 layout,
 over NCCL), custom ops under torch.compile(fullgraph=True) and opcheck, torch.cuda.graph replay, the
-DDP hook across runs and bucket sizes, bad inputs refused alike on every rank, the example, and the
-host time of a call. Skips without torch, a GPU torch sees, or enough GPUs (DETAR_SHARE_GPUS=1
+DDP hook across runs and bucket sizes, bad inputs refused alike on every rank, the example and the
+README's snippet, and the host time of a call. Skips without torch, a GPU torch sees, or enough GPUs (DETAR_SHARE_GPUS=1
 runs the multi-rank tests with ranks sharing GPUs; NCCL then needs a NCCL_HOSTID per rank, which
 the ranks set). NCCL is used only where torch.distributed needs it, with few calls."""
 from __future__ import annotations
@@ -168,6 +168,23 @@ def test_the_example_runs_and_is_batch_invariant(ranks: int) -> None:
     _, first = run_example(ranks)
     if ranks == 2:  # and identical across runs
         assert run_example(ranks)[1] == first
+
+
+def test_the_readme_example_runs_under_torchrun(tmp_path: Path) -> None:
+    need_torch(2)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## With PyTorch"):]
+    script = tmp_path / "tp.py"
+    start = section.index("```python\n") + len("```python\n")
+    script.write_text(section[start:section.index("\n```", start)])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = sorted(line.split() for line in done.stdout.splitlines() if line[:2] in ("0 ", "1 "))
+    assert [line[0] for line in lines] == ["0", "1"], done.stdout
+    assert lines[0][1:] == lines[1][1:], f"ranks disagree: {lines}"
 
 
 def test_host_time_of_a_tensor_call_is_close_to_a_cupy_call() -> None:

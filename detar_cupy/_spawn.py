@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
+from detar_cupy._launchers import resolve as resolve_launch
 from detar_cupy._rendezvous import Rendezvous, check_world, connect, pipe_mesh
 from detar_cupy._sharing import SHARE_HINT, shared_gpus_allowed
 from detar_cupy.errors import CupyMissingError, WorkerError
@@ -89,9 +90,10 @@ def spawn(fn: Callable[..., Any], nprocs: int | None = None, *, args: Sequence[A
             conn.close()
 
 
-def init_process_group(n_devices: int, rank: int, *, host: str | None = None,
-                       port: int | None = None, authkey: bytes | str | None = None,
-                       device: int | None = None, timeout: float = 60.0) -> Communicator:
+def init_process_group(n_devices: int | None = None, rank: int | None = None, *,
+                       host: str | None = None, port: int | None = None,
+                       authkey: bytes | str | None = None, device: int | None = None,
+                       timeout: float = 60.0) -> Communicator:
     """Create this process's communicator in a group of ``n_devices`` processes started by
     someone else (torchrun, mpirun, a scheduler); every process calls it with its ``rank``.
 
@@ -103,7 +105,13 @@ def init_process_group(n_devices: int, rank: int, *, host: str | None = None,
     TCP, every message authenticated with it. Nothing received is unpickled. ``device``
     defaults to ``rank % number of GPUs``. ``timeout`` bounds the wait for the other ranks (and
     each later exchange of setup values between them), in seconds.
+
+    Under torchrun, ``init_process_group()`` with no arguments takes the world size, rank and
+    device from ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``, and listens on ``MASTER_PORT + 1``
+    (torch's store has ``MASTER_PORT``); explicit arguments and ``DETAR_HOST``/``DETAR_PORT``
+    take precedence (the full rules: :mod:`detar_cupy._launchers`).
     """
+    n_devices, rank, device, host, port = resolve_launch(n_devices, rank, device, host, port)
     check_world(n_devices, rank)
     if device is None:
         gpus = _cuda_device_count()

@@ -265,3 +265,27 @@ def test_init_process_group_closes_rendezvous_on_failure(monkeypatch: pytest.Mon
 def test_init_process_group_invalid(args: tuple[int, int], kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         _spawn.init_process_group(*args, timeout=1, **kw)
+
+
+@pytest.mark.usefixtures("fake_communicator")
+def test_init_process_group_without_arguments_under_torchrun(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "3",
+                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node7.cluster",
+                        "MASTER_PORT": str(port - 1)}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("DETAR_HOST", "DETAR_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+    def rank0() -> tuple[Any, ...]:  # everything from the environment: loopback, MASTER_PORT + 1
+        comm = _spawn.init_process_group(timeout=10)
+        return comm.device, comm.rendezvous.rank, comm.rendezvous.exchange("zero")
+
+    def rank1() -> tuple[Any, ...]:  # explicit arguments for another rank: the environment unused
+        comm = _spawn.init_process_group(2, 1, port=port, device=5, timeout=10)
+        return comm.device, comm.rendezvous.rank, comm.rendezvous.exchange("one")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        out = [f.result(timeout=30) for f in [pool.submit(rank0), pool.submit(rank1)]]
+    assert out == [(3, 0, ["zero", "one"]), (5, 1, ["zero", "one"])]

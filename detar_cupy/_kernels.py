@@ -48,6 +48,8 @@ _WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECT
 _ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Ctx c, const void* in, '
           "void* out, u64_t count, u64_t aux, u64_t sig, u64_t total, u64_t chunk) "
           "{{\n  {call};\n}}\n")
+_SEGMENTS_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Segments s, '
+                   'pack_t* buf) {{\n  {call};\n}}\n')
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,12 @@ def moving_name(itemsize: int, world_size: int, kind: str) -> str:
     return f"detar_copy{itemsize}_n{world_size}_{kind}"
 
 
+def segments_name(world_size: int) -> str:
+    """extern "C" name of the coalescing kernel (gather/scatter of up to SEGMENTS buffers to and
+    from one contiguous buffer: detar_cupy._coalesce); parameters (Segments s, pack_t* buf)."""
+    return f"detar_segments_n{world_size}"
+
+
 def nop_name(world_size: int) -> str:
     """extern "C" name of the empty kernel of the data movers' module (same parameters as every
     kernel, no work): what one pre-packed launch costs the host, for the benchmark."""
@@ -80,6 +88,7 @@ def _entries(key: ModuleKey):
     args = "c, (const char*)in, (char*)out, count"
     if key.dtype is None:
         yield nop_name(n), "(void)c"  # the host-cost floor of the benchmark: a launch, no work
+        yield segments_name(n), "move_segments(s, buf)"
         for size, ctype in MOVING_SIZES.items():
             for kind in MOVING:
                 yield (moving_name(size, n, kind), f"collective<{ctype}, OpSum, {n}, "
@@ -127,8 +136,8 @@ def render(keys: Sequence[ModuleKey], *, weaken: str | None = None,
         if weaken not in _WEAKEN:
             raise ValueError(f"unknown weaken {weaken!r}; one of {sorted(_WEAKEN)}")
         head = f"#define {_WEAKEN[weaken]} 1\n" + head
-    body = "".join(_ENTRY.format(threads=THREADS, name=name, call=call)
-                   for key in keys for name, call in _entries(key))
+    body = "".join((_SEGMENTS_ENTRY if name.startswith("detar_segments") else _ENTRY).format(
+        threads=THREADS, name=name, call=call) for key in keys for name, call in _entries(key))
     return (head + _library_source() + "\n" + _protocol.render_layout_asserts(layouts) + body)
 
 

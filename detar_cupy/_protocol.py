@@ -94,6 +94,20 @@ class State(ctypes.Structure):
 
 
 STATE_BYTES = ctypes.sizeof(State)
+
+SEGMENTS = 64  # buffers one coalescing launch moves
+
+
+class Segments(ctypes.Structure):
+    """The table of a coalescing launch (struct Segments in collectives.hip), passed by value."""
+
+    _fields_ = [
+        ("ptr", ctypes.c_uint64 * SEGMENTS),
+        ("bytes", ctypes.c_uint64 * SEGMENTS),
+        ("off", ctypes.c_uint64 * SEGMENTS),  # byte offset in the contiguous buffer (x16)
+        ("n", ctypes.c_uint32),
+        ("gather", ctypes.c_uint32),
+    ]
 START_FLAG_BYTES = MAX_BLOCKS * MAX_WORLD * 8
 MID_FLAG_BYTES = MAX_BLOCKS * MAX_WORLD * 8
 DESC_BYTES = 2 * MAX_WORLD * DESC_LINES * LINE_BYTES
@@ -104,6 +118,7 @@ MAX_FIRST_EPOCH = 1 << 63
 #: Constants the kernels take from here (rendered as #defines ahead of the source).
 SHARED_CONSTANTS = {
     "MAX_N": MAX_WORLD, "MAX_BLOCKS": MAX_BLOCKS, "DESC_LINES": DESC_LINES,
+    "DETAR_SEGMENTS": SEGMENTS,
     "ERR_TIMEOUT": ERR_TIMEOUT, "ERR_MISMATCH": ERR_MISMATCH, "AT_START": AT_START,
     "AT_MID": AT_MID, "AT_LL_HEADER": AT_LL_HEADER, "AT_LL_DATA": AT_LL_DATA,
 }
@@ -121,7 +136,7 @@ def render_layout_asserts(structs: dict[str, type] | None = None) -> str:
     The offsets need ``__builtin_offsetof``, which clang (hiprtc) and NVRTC 13.5 have but NVRTC
     13.0 does not (there they are skipped; the CI compile matrix, on NVRTC 13.5 and hiprtc,
     checks them for every build)."""
-    structs = structs or {"Ctx": Ctx, "Report": Report, "State": State}
+    structs = structs or {"Ctx": Ctx, "Report": Report, "State": State, "Segments": Segments}
     sizes, offsets = [], []
     for cname, cls in structs.items():
         for name, *_ in cls._fields_:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from detar_cupy._launchers import resolve as resolve_launch
 from detar_cupy._rendezvous import Rendezvous, check_world, connect, pipe_mesh
 from detar_cupy._sharing import SHARE_HINT, shared_gpus_allowed
-from detar_cupy.errors import CupyMissingError, WorkerError
+from detar_cupy.errors import CupyMissingError, GpuUnavailableError, WorkerError
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -113,13 +113,15 @@ def init_process_group(n_devices: int | None = None, rank: int | None = None, *,
     """
     n_devices, rank, device, host, port = resolve_launch(n_devices, rank, device, host, port)
     check_world(n_devices, rank)
-    if device is None:
-        gpus = _cuda_device_count()
-        if gpus < 1:
-            raise ValueError("CuPy sees no GPU")
-        device = rank % gpus
-    elif not isinstance(device, int) or device < 0:
+    if device is not None and (not isinstance(device, int) or device < 0):
         raise ValueError(f"device must be an int >= 0, got {device!r}")
+    # The GPU is checked before waiting for the peers: a rank that cannot work says so at once.
+    gpus = _cuda_device_count()
+    if device is None:
+        device = rank % gpus
+    elif device >= gpus:
+        raise GpuUnavailableError(f"device={device} does not exist: CuPy sees {gpus} GPU(s) "
+                                  "(CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES may hide some)")
     # Imported before connecting, so that a broken install fails before the other ranks wait.
     from detar_cupy.communicator import Communicator
 
@@ -138,11 +140,22 @@ def _make_communicator(rendezvous: Rendezvous, device: int) -> Communicator:
 
 
 def _cuda_device_count() -> int:
+    """The GPUs CuPy sees (at least one), or a detar error saying why none can be used."""
     try:
         import cupy
     except ImportError as exc:
         raise CupyMissingError(str(exc)) from exc
-    return int(cupy.cuda.runtime.getDeviceCount())
+    try:
+        gpus = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # CUDARuntimeError/HIP error: no driver, driver too old, no device
+        raise GpuUnavailableError(
+            f"CuPy is installed but cannot reach a GPU ({type(exc).__name__}: {exc}); check that "
+            "the GPU driver works (nvidia-smi or rocm-smi) and that the CuPy build matches it "
+            "(cupy-cuda12x/13x for CUDA, cupy-rocm-* for ROCm)") from None
+    if gpus < 1:
+        raise GpuUnavailableError("CuPy sees no GPU (CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES "
+                                  "may hide them)")
+    return gpus
 
 
 def _check_spawn_args(nprocs: int | None, devices: Sequence[int] | None, timeout: float | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
-from . import _kernels
+from . import _coalesce, _kernels
 from ._protocol import decode_error
 from ._settings import Settings, agree, check_timeout
 from .dtypes import DTYPES, dtype_name, lookup
@@ -92,8 +92,11 @@ class Communicator:
             # With this rank's device id: no cudaGetDevice per call, never another GPU's stream.
             self._current_stream = cupy.cuda.get_current_stream
             self._plans: dict[tuple, tuple] = {}
+            self._coalesced: dict[tuple, tuple] = {}  # (dtype, op, counts) -> buffer layout
             self._failure: Exception | None = None
             self._busy = threading.Lock()
+            self._coalescer = _coalesce.Coalescer(self.device, self.world_size,
+                                                  self._transport.launch_kernel)
             rendezvous.barrier()
         except BaseException:
             self._transport.close()
@@ -424,8 +427,30 @@ class Communicator:
         with the same bits as one :meth:`all_reduce_buffers` per buffer."""
         if len(ptrs) != len(counts):
             raise ValueError(f"{len(ptrs)} pointers but {len(counts)} counts")
-        for ptr, count in zip(ptrs, counts):
-            self.all_reduce_buffers(ptr, ptr, count, dtype, op, stream)
+        if len(ptrs) < 2:
+            for ptr, count in zip(ptrs, counts):
+                self.all_reduce_buffers(ptr, ptr, count, dtype, op, stream)
+            return
+        if self._stopped or self._report.word:
+            self._refuse("all_reduce_coalesced")
+        key = (dtype, op, tuple(counts))
+        shape = self._coalesced.get(key)
+        if shape is None:
+            itemsize = lookup(dtype, op).itemsize
+            nbytes = tuple(c * itemsize for c in counts)
+            if len(self._coalesced) >= PLAN_CACHE:
+                del self._coalesced[next(iter(self._coalesced))]
+            shape = self._coalesced[key] = (nbytes, *_coalesce.layout(nbytes), itemsize)
+        nbytes, offsets, total, itemsize = shape
+        handle = self._stream(stream)
+        cp = self._cupy
+        # from CuPy's pool, allocated while the call's stream is current: reused only in that
+        # stream's order, after the launches that use it
+        with self.device, cp.cuda.ExternalStream(handle):
+            buf = cp.cuda.alloc(max(total, 16))
+        self._coalescer.run(ptrs, nbytes, offsets, buf.ptr, handle,
+                            lambda: self.all_reduce_buffers(buf.ptr, buf.ptr, total // itemsize,
+                                                            dtype, op, handle))
 
     def reduce_scatter_buffers(self, in_ptr: int, out_ptr: int, count: int, dtype: str,
                                op: str = "sum", stream: Any = None) -> None:

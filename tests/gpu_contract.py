@@ -455,3 +455,31 @@ def chunked_mismatch_rank(comm) -> dict:
         return {"type": type(exc).__name__, "elapsed": time.perf_counter() - start,
                 "differs": tuple(getattr(exc, "differs", ()) or ()), "text": str(exc)}
     return {"type": None, "elapsed": time.perf_counter() - start}
+
+
+def coalesced_rank(comm, seed: int) -> list[tuple]:
+    """all_reduce_coalesced of 150 arrays (more than one gather launch holds) of sizes 0..3000,
+    some starting at odd byte offsets, for float16, bfloat16, float32 and complex128: each array
+    bit for bit what its own all_reduce gives."""
+    import cupy as cp
+
+    from gpu_cases import random_values
+
+    world, rank = comm.world_size, comm.rank
+    rows = []
+    for i, (name, op) in enumerate((("float16", "sum"), ("bfloat16", "max"), ("float32", "prod"),
+                                    ("complex128", "avg"))):
+        rng = np.random.default_rng([seed, i])
+        sizes = [int(v) for v in rng.integers(0, 3000, 150)]
+        sizes[:3] = [0, 1, 7]
+        hosts = [[random_values(np.random.default_rng([seed, i, j, r]), name, n)
+                  for r in range(world)] for j, n in enumerate(sizes)]
+        arrays = [_view(cp, np.ascontiguousarray(h[rank]).view(_raw(name)), (j * 5) % 16)
+                  for j, h in enumerate(hosts)]
+        comm.all_reduce_coalesced(arrays, op, dtype=name)
+        comm.synchronize()
+        for j, (a, h) in enumerate(zip(arrays, hosts)):
+            want = reference.all_reduce(h, op)
+            rows.append(_row(f"coalesced {name} {op} #{j} n={sizes[j]}",
+                             cp.asnumpy(a).view(want.dtype), want))
+    return rows

@@ -103,7 +103,7 @@ def uses_f32_mul_or_div(name: str) -> bool:
 
 def uses_lines(name: str) -> bool:
     """Every kernel but the empty one stores and loads LL lines (announce, headers)."""
-    return name.startswith("detar_") and not name.startswith("detar_nop")
+    return name.startswith("detar_") and not name.startswith(("detar_nop", "detar_segments"))
 
 
 @dataclass

@@ -101,3 +101,13 @@ def test_chunked_calls_whose_counts_differ_raise_on_every_rank(world: int) -> No
         assert rec["type"] == "MismatchError", (rank, rec)
         assert "count" in rec["differs"], (rank, rec)
         assert rec["elapsed"] < 1.0, (rank, rec["elapsed"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_coalesced_buffers_match_their_own_all_reduce(world: int) -> None:
+    """Many buffers through one gather, one all-reduce and one scatter (two launches per 64
+    buffers): every buffer bit for bit what its own call gives, at any address and size."""
+    need(world)
+    per_rank = cached_spawn(("coalesced", world), gpu_contract.coalesced_rank, world,
+                            gpu_cases.TEST_ENV, args=(SEED,))
+    assert _check_rows(per_rank) == 4 * 150

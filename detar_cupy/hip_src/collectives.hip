@@ -557,3 +557,43 @@ DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u64
   }
   finish_call(c, k.epoch);
 }
+
+// ---- coalescing: many small buffers through one all-reduce ---------------------------------------
+// Segment i (ptr[i], bytes[i]) sits at byte off[i] of a contiguous buffer (offsets multiples of
+// 16, so every pack of the buffer belongs to one segment or to padding). Gathering copies the
+// segments into the buffer, scattering copies them back; between the two, one all-reduce of the
+// whole buffer folds every element exactly as a call per segment would (an element's bits
+// depend only on the N values at it). Passed by value: the driver copies the table at launch.
+struct Segments {
+  u64_t ptr[DETAR_SEGMENTS];
+  u64_t bytes[DETAR_SEGMENTS];
+  u64_t off[DETAR_SEGMENTS];
+  u32_t n;       // segments in this table (1..DETAR_SEGMENTS)
+  u32_t gather;  // 1: segments -> buffer, 0: buffer -> segments
+};
+
+DEV void move_segments(const Segments& s, pack_t* buf) {
+  const u64_t end = s.off[s.n - 1] + s.bytes[s.n - 1];
+  const u64_t first = s.off[0] / 16, packs = (end + 15) / 16;
+  const u64_t G = (u64_t)gridDim.x * blockDim.x;
+  for (u64_t p = first + (u64_t)blockIdx.x * blockDim.x + threadIdx.x; p < packs; p += G) {
+    int lo = 0, hi = (int)s.n - 1;  // the last segment starting at or before pack p
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (s.off[mid] <= 16 * p) lo = mid; else hi = mid - 1;
+    }
+    const u64_t r = 16 * p - s.off[lo];
+    if (r >= s.bytes[lo]) continue;  // padding after the segment
+    const int n = s.bytes[lo] - r < 16 ? (int)(s.bytes[lo] - r) : 16;
+    char* seg = reinterpret_cast<char*>(s.ptr[lo]);
+    const bool whole = n == 16 && aligned16(seg + r);
+    if (s.gather) {
+      buf[p] = whole ? pack_load(reinterpret_cast<const pack_t*>(seg + r))
+                     : load_bytes(seg + r, n, seg, seg + s.bytes[lo]);
+    } else if (whole) {
+      pack_store(reinterpret_cast<pack_t*>(seg + r), buf[p]);
+    } else {
+      store_bytes(seg + r, n, buf[p]);
+    }
+  }
+}

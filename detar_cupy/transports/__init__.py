@@ -49,6 +49,9 @@ class Transport(Protocol):
     name: str
     report: Any
     timeout: float
+    #: the driver's kernel launch entry (cuLaunchKernel's arguments), for the Communicator's own
+    #: launches beside the plans (coalescing)
+    launch_kernel: Any
 
     def plan(self, call: Call) -> Any:
         """Everything a call of this shape needs, made once (compiles kernels on first use)."""

@@ -47,6 +47,8 @@ class IpcTransport:
         self._launcher = Launcher(self._ctx)
         #: The hot path: launch a plan's prepared launches (see :meth:`Launcher.run`).
         self.run = self._launcher.run
+        #: The driver's launch entry, for launches outside plans (coalescing).
+        self.launch_kernel = self._launcher.launch_kernel
         # Last, so that nothing after the allocations can fail (SharedBuffers releases what it
         # allocated if one of its own steps fails).
         self._buffers = SharedBuffers(rendezvous, settings.staging_bytes, settings.ll_bytes,

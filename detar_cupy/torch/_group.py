@@ -38,11 +38,11 @@ _is_compiling = torch.compiler.is_compiling
 def _op_name(op: Op) -> str:
     """The table name of ``op``; a string the table lacks is left for the Communicator to refuse
     (with the list of ops)."""
+    if isinstance(op, str):  # first: torch.compile cannot hash ReduceOp keys of _OP_NAMES
+        return op
     name = _OP_NAMES.get(op)
     if name is not None:
         return name
-    if isinstance(op, str):
-        return op
     raise ValueError(f"op {op} is not supported; use one of {', '.join(OPS)} or "
                      "torch.distributed.ReduceOp.SUM, PRODUCT, MIN, MAX, AVG")
 
@@ -113,7 +113,7 @@ class DetarGroup:
             _no_stream(stream)
             torch.ops.detar.all_reduce_(tensor, self._handle, _op_name(op), algorithm)
             return
-        self._all_reduce(tensor, _OP_NAMES.get(op) or _op_name(op), stream, algorithm)
+        self._all_reduce(tensor, op if type(op) is str else _op_name(op), stream, algorithm)
 
     def all_reduce_out(self, input: Tensor, op: Op = "sum", *, stream: Any = None,
                        algorithm: str = "auto") -> Tensor:

@@ -29,8 +29,10 @@ def np_dtype(name: str) -> np.dtype:
 
 def to_device(a: np.ndarray, name: str, device: Any) -> torch.Tensor:
     """A tensor on ``device`` with ``a``'s bytes and shape, of table dtype ``name`` (or bool)."""
-    raw = torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8).copy())
     dtype = torch.bool if name == "bool" else TORCH_DTYPES[name]
+    if a.size == 0:  # an empty uint8 tensor may have stride 0, which view() refuses
+        return torch.empty(a.shape, dtype=dtype, device=device)
+    raw = torch.from_numpy(np.ascontiguousarray(a).reshape(-1).view(np.uint8).copy())
     return raw.to(device).view(dtype).reshape(a.shape)
 
 
@@ -589,11 +591,10 @@ def ddp_rank(rank: int, world: int, store: str, conn: Any) -> None:
 
         local = model()
         local(batch(0)).square().mean().backward()
-        gathered = group.communicator.exchange(
-            tuple(g.tobytes() for g in grads(local)))
-        want = [reference.all_reduce([np.frombuffer(per_rank[i], np.float32)
-                                      for per_rank in gathered], "avg")
-                for i in range(len(gathered[0]))]
+        # one exchange per parameter: a rendezvous message holds at most 1 MiB
+        want = [reference.all_reduce([np.frombuffer(b, np.float32)
+                                      for b in group.communicator.exchange(g.tobytes())], "avg")
+                for g in grads(local)]
         # the hook's calls, counted per step: one per bucket
         calls = [0]
         reduce = group.all_reduce

@@ -564,7 +564,7 @@ def clang_compile_like_hiprtc(source: str, arch: str, options: Sequence[str] = (
         with open(hdr, "wb") as f:
             f.write(_hiprtc_builtin_header())
         src = os.path.join(d, name)
-        with open(src, "w") as f:
+        with open(src, "w", encoding="utf-8") as f:
             f.write(source)
         out = os.path.join(d, "out.co")
         libs = rocm_device_lib_dir()

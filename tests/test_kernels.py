@@ -64,3 +64,15 @@ def test_kernel_handles_belong_to_the_device_they_were_loaded_on(fake_cupy) -> N
     assert on0 == (name, 0, 0) and on1 == (name, 1, 1)
     assert _kernels.function(key, name, 0) is on0  # cached per (key, name, device)
     assert [m.device for m in _FakeModule.made] == [0, 1]
+
+
+def test_kernel_source_is_ascii() -> None:
+    """The runtime compilers read the source through files and APIs whose encoding is not ours
+    to choose (a process started in the C locale writes ASCII): keep every byte ASCII."""
+    from importlib import resources
+
+    for f in resources.files("detar_cupy.hip_src").iterdir():
+        if f.name.endswith((".h", ".hip")):
+            text = f.read_bytes()
+            bad = [i for i, b in enumerate(text) if b > 127]
+            assert not bad, f"{f.name}: non-ASCII byte at offset {bad[0]}"

@@ -1,4 +1,4 @@
-// Element arithmetic of the contract (DESIGN.md §1), identical on every compiler.
+// Element arithmetic of the contract (DESIGN.md section 1), identical on every compiler.
 //
 // float32 denormal policy: flush to a zero of the same sign, explicitly, on every value entering a
 // float32 accumulator and on every float32 operation's result, after the operation has rounded as

@@ -55,7 +55,7 @@ DEV double f64_from(u64_t u) { return __longlong_as_double((long long)u); }
 
 // ---- float32 arithmetic of the contract -------------------------------------------------------
 // Each operation rounds to nearest even as IEEE 754 says, THEN a subnormal result is flushed to a
-// zero of the same sign (the contract's denormal policy, DESIGN.md §1). The bits must not depend
+// zero of the same sign (the contract's denormal policy, DESIGN.md section 1). The bits must not depend
 // on the compiler's denormal flags, which CuPy always adds (-ftz=true on CUDA,
 // -fcuda-flush-denormals-to-zero on HIP): a flushing multiply or divide tests tininess before
 // rounding, so an exact result in [FLT_MIN - 2^-150, FLT_MIN), which IEEE rounds UP to FLT_MIN,

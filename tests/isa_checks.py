@@ -96,9 +96,11 @@ F32_ACC_DTYPES = ("float16", "bfloat16", "float32", "complex64")
 
 
 def uses_f32_mul_or_div(name: str) -> bool:
-    """A reducing kernel whose fold multiplies or divides in float32 (prod or avg)."""
+    """A reducing kernel whose fold multiplies or divides in float32 (prod or avg over two or
+    more ranks: with one, prod multiplies nothing and avg divides by 1, which is no operation)."""
     parts = name.split("_")
-    return len(parts) > 2 and parts[1] in F32_ACC_DTYPES and parts[2] in ("prod", "avg")
+    return (len(parts) > 2 and parts[1] in F32_ACC_DTYPES and parts[2] in ("prod", "avg")
+            and world_size_of(name) >= 2)
 
 
 def uses_lines(name: str) -> bool:

@@ -165,6 +165,7 @@ _PTX_ACQ = re.compile(r"^ld\.(?:\w+\.)*acquire\.(sys|gpu|cta|cluster)\b"
                       r"|^atom\.(?:\w+\.)*(?:acquire|acq_rel)\.(sys|gpu|cta|cluster)\b")
 _PTX_SYS_FENCE = re.compile(r"^(?:fence\.(?:sc|acq_rel)\.sys|membar\.sys)\b")
 _PTX_VEC_LOAD = re.compile(r"^ld\.(?:[\w]+\.)*?(?:v4\.[busf]32|v2\.[busf]64)\b")
+_PTX_NOT_MEMORY = re.compile(r"\.(?:param|local|shared|const)\.")
 _PTX_NC_LOAD = re.compile(r"^ld\.global(?:\.[\w:]+?)*?\.nc\b")
 _PTX_FTZ_F32 = re.compile(r"^(?:add|sub|mul|div|fma|mad)(?:\.\w+)*\.ftz(?:\.\w+)*\.f32$"
                           r"|^div\.(?:approx|full)(?:\.\w+)*\.f32$")
@@ -194,7 +195,8 @@ def check_ptx_kernel(name: str, body: str) -> KernelReport:
         if _PTX_SYS_FENCE.match(op):
             rep.sys_release += 1
             rep.sys_acquire += 1
-        if _PTX_VEC_LOAD.match(op) and ".volatile." not in op:  # volatile: LL lines, not data
+        if (_PTX_VEC_LOAD.match(op) and ".volatile." not in op  # volatile: LL lines, not data
+                and not _PTX_NOT_MEMORY.search(op)):  # a call's return value, spills: not data
             rep.vector_loads += 1
         if _PTX_NC_LOAD.match(op) and (barriers_in(name) or "_ll" in name):
             rep.violations.append(f"non-coherent load (peers write staging during the kernel, "

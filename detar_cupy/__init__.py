@@ -9,13 +9,13 @@ from . import reference
 from ._spawn import init_process_group, spawn
 from .communicator import Communicator
 from .errors import (CommunicatorClosedError, CommunicatorFailedError, CupyMissingError,
-                     DetarError, MismatchError, PeerTimeoutError, RendezvousError,
-                     RendezvousTimeout, WorkerError)
+                     DetarError, GpuUnavailableError, MismatchError, PeerTimeoutError,
+                     RendezvousError, RendezvousTimeout, WorkerError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Communicator", "CommunicatorClosedError", "CommunicatorFailedError", "CupyMissingError",
-    "DetarError", "MismatchError", "PeerTimeoutError", "RendezvousError", "RendezvousTimeout",
+    "DetarError", "GpuUnavailableError", "MismatchError", "PeerTimeoutError", "RendezvousError", "RendezvousTimeout",
     "WorkerError", "init_process_group", "reference", "spawn", "__version__",
 ]

@@ -1,8 +1,9 @@
 """Command line: ``python -m detar_cupy [doctor | compile | verify | bench]``.
 
 With no command: on a machine with 2 or more GPUs, spawn one rank per GPU, run a short
-determinism check and a short benchmark against NCCL, and print the tables; otherwise print what
-was found and say that a multi-GPU machine is needed.
+determinism check and a short benchmark against NCCL, and print the tables. With one GPU, run the
+determinism check with two ranks sharing it (``DETAR_SHARE_GPUS=1``: the same bits, slow calls)
+and say that speed needs separate GPUs.
 """
 from __future__ import annotations
 
@@ -101,10 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     gpus = info()
     world = getattr(args, "world", None) or gpus
     if args.command is None:
-        if gpus < 2:
-            print("detar_cupy needs a machine with 2 or more GPUs for its collectives; the CPU "
-                  "reference (detar_cupy.reference) works anywhere.")
+        if gpus < 1:
+            print("no GPU found; the CPU reference (detar_cupy.reference) works anywhere.")
             return 0
+        if gpus == 1:
+            import os
+
+            from ._sharing import SHARE_ENV
+
+            print(f"one GPU: the determinism check runs 2 ranks sharing it ({SHARE_ENV}=1: the "
+                  "same bits, calls about a millisecond each); speed needs separate GPUs, so "
+                  "no benchmark")
+            os.environ[SHARE_ENV] = "1"  # inherited by the spawned ranks
+            return 0 if verify(2) else 1
         ok = verify(world)
         from . import benchmark
 

@@ -2,12 +2,15 @@
 parameter block, the call header every call exchanges, the fold flags and the report sites.
 
 Defined once here and rendered into the kernel source by :func:`c_source` (every kernel module
-carries it, just before ``fold.hip``), with a size and an offset assertion per field, so a layout
-that drifts fails the CPU compile matrix instead of a GPU run. Pure Python.
+carries it, just before ``fold.hip``), with :func:`detar_cupy._protocol.render_layout_asserts`'s
+size and offset assertions, so a layout that drifts fails the CPU compile matrix instead of a GPU
+run. Pure Python.
 """
 from __future__ import annotations
 
 import ctypes
+
+from . import _protocol
 
 #: Fold flags: the first value is the carried partial at ``carry`` (accumulator type) instead
 #: of slot 0; the result is written as accumulator partials for a later fold to continue,
@@ -15,10 +18,9 @@ import ctypes
 FOLD_CARRY_IN = 1
 FOLD_CARRY_OUT = 2
 
-#: Report sites (bits 16-23 of the report word) of the NCCL transport, after _protocol's 1-4:
-#: the call header exchange (mismatches), an NCCL transfer that did not complete (watchdog).
-AT_HEADER = 5
-AT_TRANSFER = 6
+#: Report sites of the NCCL transport (defined with the others in _protocol): the call header
+#: exchange (mismatches), an NCCL transfer that did not complete (watchdog).
+AT_HEADER, AT_TRANSFER = _protocol.AT_HEADER, _protocol.AT_TRANSFER
 
 #: The report word's peer byte when no peer can be named.
 PEER_UNKNOWN = 0xFF
@@ -41,20 +43,19 @@ class FoldArgs(ctypes.Structure):
         ("aux", ctypes.c_uint64),  # header: the call's aux; node carry: the slice in elements
         ("src_stride", ctypes.c_uint64),  # bytes between source slots
         ("dst_stride", ctypes.c_uint64),  # bytes between destination slots
+        ("sig", ctypes.c_uint64),  # the call's signature (header), the launch's (node carry)
         ("slots", ctypes.c_uint32),  # source slots (fold, copy); ranks (check)
         ("flags", ctypes.c_uint32),  # FOLD_CARRY_IN | FOLD_CARRY_OUT
         ("divisor", ctypes.c_int32),  # the world size: avg's divisor
         ("rank", ctypes.c_int32),
-        ("sig", ctypes.c_uint32),  # the call's signature (header), the launch's (node carry)
-        ("reserved", ctypes.c_uint32),
     ]
 
 
 #: C spelling of each FoldArgs field (the pointers are typed in C; ctypes only knows void*).
 _C_TYPES = {"src": "const char*", "carry": "const char*", "dst": "char*", "report": "Report*",
             "state": "u64_t*", "count": "u64_t", "aux": "u64_t", "src_stride": "u64_t",
-            "dst_stride": "u64_t", "slots": "u32_t", "flags": "u32_t", "divisor": "i32_t",
-            "rank": "i32_t", "sig": "u32_t", "reserved": "u32_t"}
+            "dst_stride": "u64_t", "sig": "u64_t", "slots": "u32_t", "flags": "u32_t",
+            "divisor": "i32_t", "rank": "i32_t"}
 
 
 class CallHeader(ctypes.Structure):
@@ -64,21 +65,19 @@ class CallHeader(ctypes.Structure):
 
     _fields_ = [
         ("epoch", ctypes.c_uint64),
-        ("sig", ctypes.c_uint32),
-        ("zero", ctypes.c_uint32),
+        ("sig", ctypes.c_uint64),  # _protocol.call_signature of the whole call
         ("count", ctypes.c_uint64),
         ("aux", ctypes.c_uint64),
     ]
 
 
-_HEADER_C_TYPES = {"epoch": "u64_t", "sig": "u32_t", "zero": "u32_t", "count": "u64_t",
-                   "aux": "u64_t"}
+_HEADER_C_TYPES = {"epoch": "u64_t", "sig": "u64_t", "count": "u64_t", "aux": "u64_t"}
 HEADER_BYTES = ctypes.sizeof(CallHeader)
 
 
 def header_bytes(epoch: int, sig: int, count: int, aux: int) -> bytes:
     """One rank's header as it travels (what the stamp kernel writes)."""
-    return bytes(CallHeader(epoch, sig, 0, count, aux))
+    return bytes(CallHeader(epoch, sig, count, aux))
 
 
 def read_header(raw: bytes) -> CallHeader:
@@ -87,14 +86,8 @@ def read_header(raw: bytes) -> CallHeader:
 
 
 def _struct(name: str, cls: type[ctypes.Structure], ctypes_of: dict[str, str]) -> str:
-    fields = [f[0] for f in cls._fields_]
-    lines = [f"struct {name} {{"] + [f"  {ctypes_of[f]} {f};" for f in fields] + ["};"]
-    lines.append(f'static_assert(sizeof({name}) == {ctypes.sizeof(cls)}, '
-                 f'"{name}: size differs from _fold_abi.{cls.__name__}");')
-    for f in fields:
-        lines.append(f"static_assert(__builtin_offsetof({name}, {f}) == "
-                     f'{getattr(cls, f).offset}, "{name}.{f}: offset differs from _fold_abi");')
-    return "\n".join(lines)
+    return "\n".join([f"struct {name} {{"] + [f"  {ctypes_of[f[0]]} {f[0]};" for f in cls._fields_]
+                     + ["};"])
 
 
 def c_source() -> str:
@@ -106,4 +99,5 @@ def c_source() -> str:
         ["// ---- rendered from detar_cupy/_fold_abi.py: do not edit here ----"]
         + [f"#define {name} {value}u" for name, value in consts]
         + [_struct("FoldArgs", FoldArgs, _C_TYPES), _struct("CallHeader", CallHeader,
-                                                            _HEADER_C_TYPES)]) + "\n"
+                                                            _HEADER_C_TYPES),
+           _protocol.render_layout_asserts({"FoldArgs": FoldArgs, "CallHeader": CallHeader})])

@@ -1,23 +1,26 @@
 """Device buffers shared between ranks through IPC memory handles.
 
 Raw allocations, not CuPy's pool: an IPC handle covers a whole allocation, and the pool would hand
-out pieces of a larger one. Each rank owns
-  - a staging buffer (two halves chosen by epoch parity) that peers store into during a call: on
-    ROCm fine-grained memory, because the local L2 only stays coherent with other agents' writes
-    on coherent (fine-grained) pages and could otherwise serve a line from two calls ago; on CUDA
-    ordinary device memory (the readers bypass L1 instead);
-  - a signal buffer (LL receive area, barrier flags, call descriptors): on ROCm fine-grained,
-    uncached memory so peers' flag stores are seen by polling loads; on CUDA ordinary device
-    memory;
+out pieces of a larger one. Each rank owns (pictured in :mod:`detar_cupy._protocol`)
+  - a staging buffer (two halves chosen by epoch parity) that peers store into during a call;
+  - a signal buffer (LL area, barrier flags, call descriptors) that peers store into and this
+    rank polls;
   - a private state block (error word, per-block epochs), never shared;
   - a mapped, pinned host block for the failure report (error word, the failing launch and the
     peer's), which the host reads without synchronising the device.
-Peers' staging and signal buffers are opened once and closed by :meth:`SharedBuffers.close`.
+On ROCm both shared buffers are fine-grained and uncached (``hipDeviceMallocUncached``, ROCm
+>= 5.7), as peer-written memory must be: the local L2 stays coherent with other agents' writes
+only on fine-grained pages, and uncached pages keep polling loads from being served stale.
+Where the runtime lacks the uncached flag they are fine-grained only (ROCm 5.0-5.6), with a
+warning that names what was used. On CUDA they are ordinary device memory (the readers bypass
+L1 instead). Peers' staging and signal buffers are opened once and closed by
+:meth:`SharedBuffers.close`.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import warnings
 from typing import Any, Callable, Iterable
 
 from . import _protocol
@@ -28,28 +31,38 @@ _CUDA_IPC_LAZY_ENABLE_PEER_ACCESS = 1
 _HOST_ALLOC_PORTABLE_MAPPED = 0x1 | 0x2
 _HIP_DEVICE_MALLOC_FINEGRAINED = 0x1
 _HIP_DEVICE_MALLOC_UNCACHED = 0x3
+_warned_fine_grained = False
 
 
-def _hip_fine_grained_malloc(size: int, uncached: bool) -> int:
-    """hipExtMallocWithFlags through ctypes (CuPy has no binding): fine-grained; with
-    ``uncached``, uncached where the runtime knows that flag (ROCm >= 5.7)."""
+def _hip_library() -> Any:
     for name in ("libamdhip64.so", "libamdhip64.so.6", "libamdhip64.so.5"):
         try:
-            lib = ctypes.CDLL(name)
-            break
+            return ctypes.CDLL(name)
         except OSError:
             continue
-    else:
-        raise DetarError("cannot load libamdhip64 for fine-grained device memory")
-    fn = lib.hipExtMallocWithFlags
+    raise DetarError("cannot load libamdhip64 for fine-grained device memory")
+
+
+def _hip_peer_written_malloc(size: int, lib: Any = None) -> int:
+    """hipExtMallocWithFlags through ctypes (CuPy has no binding): fine-grained and uncached; or
+    fine-grained only, with a one-time warning, where the runtime lacks the uncached flag."""
+    global _warned_fine_grained
+    fn = (lib or _hip_library()).hipExtMallocWithFlags
     fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
     fn.restype = ctypes.c_int
     ptr = ctypes.c_void_p()
-    flags = ((_HIP_DEVICE_MALLOC_UNCACHED,) if uncached else ()) + (_HIP_DEVICE_MALLOC_FINEGRAINED,)
-    for flag in flags:
-        if fn(ctypes.byref(ptr), size, flag) == 0:
-            return int(ptr.value)
-    raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of fine-grained memory")
+    if fn(ctypes.byref(ptr), size, _HIP_DEVICE_MALLOC_UNCACHED) == 0:
+        return int(ptr.value)
+    status = fn(ctypes.byref(ptr), size, _HIP_DEVICE_MALLOC_FINEGRAINED)
+    if status != 0:
+        raise DetarError(f"hipExtMallocWithFlags failed for {size} bytes of fine-grained memory "
+                         f"(status {status})")
+    if not _warned_fine_grained:
+        _warned_fine_grained = True
+        warnings.warn("this ROCm runtime has no uncached device memory (hipDeviceMallocUncached, "
+                      "ROCm >= 5.7): detar_cupy's peer-written buffers are fine-grained "
+                      "(hipDeviceMallocFinegrained) but cached", RuntimeWarning, stacklevel=3)
+    return int(ptr.value)
 
 
 def release_all(free: Callable[[int], Any], handles: Iterable[int]) -> None:
@@ -91,7 +104,8 @@ def check_devices(rank: int, device: int, bus_ids: list[str], share: bool,
 class SharedBuffers:
     """This rank's buffers and its mappings of every peer's; fills a :class:`_protocol.Ctx`."""
 
-    def __init__(self, rendezvous: Any, stage_half_bytes: int, ll_bytes: int) -> None:
+    def __init__(self, rendezvous: Any, stage_half_bytes: int, ll_bytes: int,
+                 first_epoch: int = 1) -> None:
         import cupy
         from cupy.cuda import runtime
 
@@ -103,12 +117,15 @@ class SharedBuffers:
         self._host_report = 0
         try:
             is_hip = bool(runtime.is_hip)
-            self.stage = self._alloc(2 * stage_half_bytes, fine=is_hip, uncached=False)
-            sig_bytes = _protocol.signal_bytes(n, ll_bytes)
-            self.signal = self._alloc(sig_bytes, fine=is_hip, uncached=True)
-            runtime.memset(self.signal, 0, sig_bytes)
+            self.stage = self._alloc(2 * stage_half_bytes, peer_written=is_hip)
+            sig_bytes = _protocol.signal_offsets(n, ll_bytes)[3]
+            self.signal = self._alloc(sig_bytes, peer_written=is_hip)
+            runtime.memset(self.signal, 0, sig_bytes)  # every flag 0, every line cleared
             self.state = self._alloc(_protocol.STATE_BYTES)
-            runtime.memset(self.state, 0, _protocol.STATE_BYTES)
+            image = ctypes.create_string_buffer(_protocol.state_image(first_epoch),
+                                                _protocol.STATE_BYTES)
+            runtime.memcpy(self.state, ctypes.addressof(image), _protocol.STATE_BYTES,
+                           runtime.memcpyHostToDevice)
             size = ctypes.sizeof(_protocol.Report)
             self._host_report = runtime.hostAlloc(size, _HOST_ALLOC_PORTABLE_MAPPED)
             ctypes.memset(self._host_report, 0, size)
@@ -134,8 +151,8 @@ class SharedBuffers:
         self.ll_src_lines = _protocol.ll_src_lines(ll_bytes)
         self.stage_half_bytes = stage_half_bytes
 
-    def _alloc(self, size: int, fine: bool = False, uncached: bool = False) -> int:
-        ptr = _hip_fine_grained_malloc(size, uncached) if fine else self._runtime.malloc(size)
+    def _alloc(self, size: int, peer_written: bool = False) -> int:
+        ptr = _hip_peer_written_malloc(size) if peer_written else self._runtime.malloc(size)
         self._own.append(ptr)
         return ptr
 
@@ -151,9 +168,7 @@ class SharedBuffers:
 
     def fill(self, ctx: _protocol.Ctx) -> None:
         """Write every pointer and size of this communicator into ``ctx``."""
-        start = _protocol.ll_area_bytes(self.world_size, self.ll_bytes)
-        mid = start + _protocol.START_FLAG_BYTES
-        desc = mid + _protocol.MID_FLAG_BYTES
+        start, mid, desc, _ = _protocol.signal_offsets(self.world_size, self.ll_bytes)
         for r in range(self.world_size):
             ctx.stage[r] = self.stages[r]
             ctx.ll[r] = self.signals[r]

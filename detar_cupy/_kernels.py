@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable, Sequence
 
-from . import _fold_abi
+from . import _fold_abi, _protocol
+from ._protocol import MAX_BLOCKS, MAX_WORLD, THREADS
 from .dtypes import DTYPES
 
-MAX_WORLD = 8  # MAX_N in collectives.hip
-MAX_BLOCKS = 128  # MAX_BLOCKS in collectives.hip
-THREADS = 512  # __launch_bounds__ of every kernel
+__all__ = ["MAX_BLOCKS", "MAX_WORLD", "THREADS", "HEADER_CHECK", "HEADER_STAMP", "ModuleKey",
+           "fold_name", "function", "kernel_names", "module_keys", "moving_name", "nccl_keys",
+           "node_carry_name", "nop_name", "precompile", "reducing_name", "render",
+           "slots_copy_name"]
 
 #: Reducing algorithms and the device entry each one instantiates.
 REDUCING = ("ll", "one_shot", "two_shot", "reduce_scatter")
@@ -44,11 +46,19 @@ _MODE = {"one_shot": "ONE_SHOT", "two_shot": "TWO_SHOT", "reduce_scatter": "REDU
          "all_gather": "ALL_GATHER", "broadcast": "BROADCAST"}
 # Rendered in this order, then _fold_abi's definitions, then FOLD_SOURCE.
 _SOURCES = ("portability.h", "arith.h", "collectives.hip")
-_WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECTOR"}
-
-_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Ctx c, const void* in, '
-          "void* out, u64_t count, u64_t aux, u32_t sig) {{\n  {call};\n}}\n")
 FOLD_SOURCE = "fold.hip"
+#: Deliberately wrong renders for the static ISA checks, which must catch each of them.
+_WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECTOR",
+           "ftz": "DETAR_WEAKEN_FTZ", "ll_lines": "DETAR_WEAKEN_LL_LINES",
+           "wave_release": "DETAR_WEAKEN_WAVE_RELEASE"}
+
+# Every kernel takes the same parameters (packed once per plan by _launch.Launcher): count is
+# this launch's elements, total and chunk place it in the whole call (signature, reports).
+_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Ctx c, const void* in, '
+          "void* out, u64_t count, u64_t aux, u64_t sig, u64_t total, u64_t chunk) "
+          "{{\n  {call};\n}}\n")
+_SEGMENTS_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Segments s, '
+                   'pack_t* buf) {{\n  {call};\n}}\n')
 _FOLD_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}({params}) '
                "{{\n  {call};\n}}\n")
 #: Families of modules: the IPC collectives, and the NCCL transport's kernels.
@@ -73,6 +83,12 @@ def reducing_name(dtype: str, op: str, world_size: int, algorithm: str) -> str:
 def moving_name(itemsize: int, world_size: int, kind: str) -> str:
     """extern "C" name of a data-moving kernel for elements of ``itemsize`` bytes."""
     return f"detar_copy{itemsize}_n{world_size}_{kind}"
+
+
+def segments_name(world_size: int) -> str:
+    """extern "C" name of the coalescing kernel (gather/scatter of up to SEGMENTS buffers to and
+    from one contiguous buffer: detar_cupy._coalesce); parameters (Segments s, pack_t* buf)."""
+    return f"detar_segments_n{world_size}"
 
 
 def nop_name(world_size: int) -> str:
@@ -131,17 +147,19 @@ def _entries(key: ModuleKey):
     args = "c, (const char*)in, (char*)out, count"
     if key.dtype is None:
         yield nop_name(n), "(void)c"  # the host-cost floor of the benchmark: a launch, no work
+        yield segments_name(n), "move_segments(s, buf)"
         for size, ctype in MOVING_SIZES.items():
             for kind in MOVING:
-                yield (moving_name(size, n, kind),
-                       f"collective<{ctype}, OpSum, {n}, {_MODE[kind]}>({args}, aux, sig)")
+                yield (moving_name(size, n, kind), f"collective<{ctype}, OpSum, {n}, "
+                       f"{_MODE[kind]}>({args}, aux, sig, total, chunk)")
         return
     dt = DTYPES[key.dtype]
     for op in dt.ops:
         functor = _OP_FUNCTOR[op]
         for alg in REDUCING:
-            call = (f"ll_all_reduce<{dt.ctype}, {functor}, {n}>({args}, sig)" if alg == "ll" else
-                    f"collective<{dt.ctype}, {functor}, {n}, {_MODE[alg]}>({args}, aux, sig)")
+            call = (f"ll_all_reduce<{dt.ctype}, {functor}, {n}>({args}, sig, total, chunk)"
+                    if alg == "ll" else f"collective<{dt.ctype}, {functor}, {n}, "
+                    f"{_MODE[alg]}>({args}, aux, sig, total, chunk)")
             yield reducing_name(key.dtype, op, n, alg), call
 
 
@@ -169,22 +187,28 @@ def _entry(key: ModuleKey) -> str:
     if key.family == "nccl":
         return "".join(_FOLD_ENTRY.format(threads=THREADS, name=name, params=params, call=call)
                        for name, params, call in _nccl_entries(key))
-    return "".join(_ENTRY.format(threads=THREADS, name=name, call=call)
-                   for name, call in _entries(key))
+    return "".join((_SEGMENTS_ENTRY if name.startswith("detar_segments") else _ENTRY).format(
+        threads=THREADS, name=name, call=call) for name, call in _entries(key))
 
 
-def render(keys: Sequence[ModuleKey], *, weaken: str | None = None) -> str:
-    """One translation unit with the kernels of all ``keys``.
+def render(keys: Sequence[ModuleKey], *, weaken: str | None = None,
+           layouts: dict[str, type] | None = None) -> str:
+    """One translation unit with the kernels of all ``keys``: the shared constants of
+    :mod:`detar_cupy._protocol`, the library source, a ``static_assert`` per field of every
+    shared struct, and the ``extern "C"`` entries.
 
-    ``weaken`` renders a deliberately wrong variant for the static ISA tests only:
-    ``"flag_scope"`` (barrier flags at block scope) or ``"vector"`` (scalar data loads).
+    ``weaken`` renders a deliberately wrong variant for the static ISA tests only (see
+    ``_WEAKEN``: block-scope flags, scalar data loads, flushing f32 multiply/divide, 32-bit LL
+    line elements, no per-wave release before the barrier). ``layouts`` replaces the ctypes
+    layouts the asserts check (tests: a drifted layout must not compile).
     """
-    head = ""
+    head = _protocol.render_constants()
     if weaken is not None:
         if weaken not in _WEAKEN:
             raise ValueError(f"unknown weaken {weaken!r}; one of {sorted(_WEAKEN)}")
-        head = f"#define {_WEAKEN[weaken]} 1\n"
-    return head + _library_source() + "\n" + "".join(_entry(key) for key in keys)
+        head = f"#define {_WEAKEN[weaken]} 1\n" + head
+    body = "".join(_entry(key) for key in keys)
+    return (head + _library_source() + "\n" + _protocol.render_layout_asserts(layouts) + body)
 
 
 def compile_options(platform: str) -> tuple[str, ...]:
@@ -238,7 +262,9 @@ def precompile(world_sizes: Sequence[int], jobs: int,
                progress: Callable[[str], Any] | None = None) -> float:
     """Compile every module of ``world_sizes`` in ``jobs`` processes (on the current GPU's
     architecture), filling CuPy's disk cache so that no rank pays the first-use compile (3-6 s per
-    module) inside its first collective, where a slow rank keeps its peers waiting. Seconds taken."""
+    module) inside its first collective, where a slow rank keeps its peers waiting. The NCCL
+    transport's modules of those node sizes and its world-size-free ones are included. Seconds
+    taken."""
     keys = [k for k in module_keys() if k.world_size in world_sizes or k.world_size == 0]
     start = time.perf_counter()
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

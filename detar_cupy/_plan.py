@@ -11,12 +11,10 @@ from dataclasses import dataclass
 
 from . import _kernels
 from ._kernels import ModuleKey
-from ._protocol import call_signature
+from ._protocol import LL_THREADS, THREADS, call_signature
 from .dtypes import DTYPES, OP_CODES
 from .transports import ALGORITHMS
 
-LL_THREADS = 256
-THREADS = _kernels.THREADS
 
 # Largest message (bytes) for which `auto` picks ll, then one_shot; two_shot above. Measured
 # with the fp16/bf16 graph-replay benchmark (bench/NOTES.md). 2 GPUs (v3, H200 NVLink): ll was
@@ -44,7 +42,9 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch of a plan; offsets are in bytes from the call's in/out pointers."""
+    """One kernel launch of a plan; offsets are in bytes from the call's in/out pointers.
+    ``count`` is this launch's elements; ``total`` the call's and ``chunk`` this launch's index
+    in it, both covered by ``sig`` so that peers tell every launch of every call apart."""
 
     module: ModuleKey
     kernel: str
@@ -55,6 +55,8 @@ class Launch:
     count: int
     aux: int
     sig: int
+    total: int
+    chunk: int
 
 
 def choose_algorithm(nbytes: int, world_size: int) -> str:
@@ -73,13 +75,15 @@ def _grid(packs: int, block: int, geom: Geometry) -> int:
 
 
 def _chunks(total: int, cap: int):
-    """(start, length) pieces of at most ``cap`` elements; one empty piece for total == 0, so a
-    zero-size call still meets its peers (and their mismatch check)."""
+    """(index, start, length) of pieces of at most ``cap`` elements; one empty piece for
+    total == 0, so a zero-size call still meets its peers (and their mismatch check)."""
+    if cap < 1:  # the settings guarantee room for one pack per slot; a plan must never stall
+        raise ValueError(f"staging too small for one chunk (capacity {cap} elements)")
     if total == 0:
-        yield 0, 0
+        yield 0, 0, 0
         return
-    for start in range(0, total, cap):
-        yield start, min(cap, total - start)
+    for index, start in enumerate(range(0, total, cap)):
+        yield index, start, min(cap, total - start)
 
 
 def all_reduce(geom: Geometry, dtype: str, op: str, count: int, algorithm: str) -> tuple[Launch, ...]:
@@ -105,13 +109,14 @@ def all_reduce(geom: Geometry, dtype: str, op: str, count: int, algorithm: str) 
     key = ModuleKey(dtype, n)
     name = _kernels.reducing_name(dtype, op, n, algorithm)
     out = []
-    for start, length in _chunks(count, cap):
+    for index, start, length in _chunks(count, cap):
         packs = -(-length // k)
         if algorithm == "two_shot":
             packs = -(-packs // n)
-        sig = call_signature(algorithm, dt.code, OP_CODES[op], length, 0)
+        sig = call_signature(algorithm, dt.code, OP_CODES[op], count, 0, index, length)
         off = start * dt.itemsize
-        out.append(Launch(key, name, _grid(packs, block, geom), block, off, off, length, 0, sig))
+        out.append(Launch(key, name, _grid(packs, block, geom), block, off, off, length, 0, sig,
+                          count, index))
     return tuple(out)
 
 
@@ -123,11 +128,11 @@ def reduce_scatter(geom: Geometry, dtype: str, op: str, count: int) -> tuple[Lau
     key = ModuleKey(dtype, n)
     name = _kernels.reducing_name(dtype, op, n, "reduce_scatter")
     out = []
-    for start, length in _chunks(count, cap):
-        sig = call_signature("reduce_scatter", dt.code, OP_CODES[op], length, count)
+    for index, start, length in _chunks(count, cap):
+        sig = call_signature("reduce_scatter", dt.code, OP_CODES[op], count, count, index, length)
         off = start * dt.itemsize
         out.append(Launch(key, name, _grid(-(-length // k), THREADS, geom), THREADS, off, off,
-                          length, count, sig))
+                          length, count, sig, count, index))
     return tuple(out)
 
 
@@ -141,10 +146,10 @@ def moving(geom: Geometry, kind: str, itemsize: int, count: int, root: int = 0) 
     key = ModuleKey(None, n)
     name = _kernels.moving_name(itemsize, n, kind)
     out = []
-    for start, length in _chunks(count, cap):
-        aux = count if kind == "all_gather" else root
-        sig = call_signature(kind, itemsize, 0, length, aux)
+    aux = count if kind == "all_gather" else root
+    for index, start, length in _chunks(count, cap):
+        sig = call_signature(kind, itemsize, 0, count, aux, index, length)
         off = start * itemsize
         out.append(Launch(key, name, _grid(-(-length // k), THREADS, geom), THREADS, off, off,
-                          length, aux, sig))
+                          length, aux, sig, count, index))
     return tuple(out)

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
-from ._kernels import MAX_BLOCKS, MAX_WORLD
+from ._protocol import MAX_BLOCKS, MAX_FIRST_EPOCH, MAX_WORLD
 from .errors import MismatchError
 
 DEFAULT_STAGING_BYTES = 32 << 20  # per parity half; larger calls are cut into chunks
@@ -72,11 +72,13 @@ class Settings:
     ll_bytes: int  # DETAR_LL_BYTES: the largest message one LL launch carries
     max_blocks: int  # DETAR_MAX_BLOCKS: the largest grid
     share_gpus: bool  # DETAR_SHARE_GPUS: several ranks may use one GPU
+    first_epoch: int  # DETAR_FIRST_EPOCH: the first launch's number (tests of long runs)
     timeout: float  # DETAR_TIMEOUT: seconds a device-side wait may last (may differ per rank)
 
     #: The variable behind each field, for error messages.
     ENV = {"staging_bytes": "DETAR_STAGING_BYTES", "ll_bytes": "DETAR_LL_BYTES",
-           "max_blocks": "DETAR_MAX_BLOCKS", "share_gpus": SHARE_ENV, "timeout": "DETAR_TIMEOUT"}
+           "max_blocks": "DETAR_MAX_BLOCKS", "share_gpus": SHARE_ENV,
+           "first_epoch": "DETAR_FIRST_EPOCH", "timeout": "DETAR_TIMEOUT"}
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -87,7 +89,8 @@ class Settings:
                         1 << 40) // 16 * 16
         ll = env_int("DETAR_LL_BYTES", DEFAULT_LL_BYTES, 16, 1 << 30) // 16 * 16
         return cls(stage, ll, env_int("DETAR_MAX_BLOCKS", MAX_BLOCKS, 1, MAX_BLOCKS),
-                   env_flag(SHARE_ENV), env_timeout("DETAR_TIMEOUT", DEFAULT_TIMEOUT_S))
+                   env_flag(SHARE_ENV), env_int("DETAR_FIRST_EPOCH", 1, 1, MAX_FIRST_EPOCH),
+                   env_timeout("DETAR_TIMEOUT", DEFAULT_TIMEOUT_S))
 
     def shared(self) -> tuple:
         """(name, value) pairs every rank must agree on, in a form the rendezvous carries."""

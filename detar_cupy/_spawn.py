@@ -4,6 +4,7 @@ imports without them.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import pickle
 import signal
@@ -13,9 +14,10 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
+from detar_cupy._launchers import resolve as resolve_launch
 from detar_cupy._rendezvous import Rendezvous, check_world, connect, pipe_mesh
 from detar_cupy._sharing import SHARE_HINT, shared_gpus_allowed
-from detar_cupy.errors import CupyMissingError, WorkerError
+from detar_cupy.errors import CupyMissingError, GpuUnavailableError, WorkerError
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -32,6 +34,7 @@ _KILL_GRACE_S = 1.0
 
 def spawn(fn: Callable[..., Any], nprocs: int | None = None, *, args: Sequence[Any] = (),
           devices: Sequence[int] | None = None, timeout: float | None = None,
+          transport: str = "auto",
           _make_comm: Callable[[Rendezvous, int], Any] | None = None) -> list[Any]:
     """Run ``fn(comm, *args)`` in one new process per rank and return the results in rank order.
 
@@ -41,6 +44,8 @@ def spawn(fn: Callable[..., Any], nprocs: int | None = None, *, args: Sequence[A
       see :mod:`detar_cupy._sharing`).
     - ``timeout``: seconds for the whole run (``None``: no limit). When it expires every rank is
       stopped and :class:`TimeoutError` is raised, naming the ranks that had not finished.
+    - ``transport``: ``"auto"`` (default), ``"ipc"`` or ``"nccl"``: how the bytes move (see
+      :attr:`Communicator.transport <detar_cupy.communicator.Communicator.transport>`).
 
     Processes start with the ``spawn`` method, so ``fn`` must be a module-level function and
     ``args`` and the return values picklable (return host data such as numpy arrays, not CuPy
@@ -55,8 +60,9 @@ def spawn(fn: Callable[..., Any], nprocs: int | None = None, *, args: Sequence[A
     ``_make_comm`` (private, for tests): a picklable module-level ``(rendezvous, device) -> comm``
     used instead of the real communicator; with it, CuPy is not imported.
     """
+    _check_transport(transport)
     nprocs, devices = _check_spawn_args(nprocs, devices, timeout, real_gpus=_make_comm is None)
-    make_comm = _make_comm or _make_communicator
+    make_comm = _make_comm or functools.partial(_make_communicator, transport=transport)
     ctx = multiprocessing.get_context("spawn")
     mesh = pipe_mesh(nprocs)
     procs: list[BaseProcess] = []
@@ -89,50 +95,82 @@ def spawn(fn: Callable[..., Any], nprocs: int | None = None, *, args: Sequence[A
             conn.close()
 
 
-def init_process_group(n_devices: int, rank: int, *, host: str | None = None,
-                       port: int | None = None, authkey: bytes | str | None = None,
-                       device: int | None = None, timeout: float = 60.0) -> Communicator:
+def init_process_group(n_devices: int | None = None, rank: int | None = None, *,
+                       host: str | None = None, port: int | None = None,
+                       authkey: bytes | str | None = None, device: int | None = None,
+                       timeout: float = 60.0, transport: str = "auto") -> Communicator:
     """Create this process's communicator in a group of ``n_devices`` processes started by
     someone else (torchrun, mpirun, a scheduler); every process calls it with its ``rank``.
 
-    Shaped like ``cupyx.distributed.init_process_group``. Rank 0 listens on ``host:port`` and the
-    others connect to it; see :func:`detar_cupy._rendezvous.connect` for ``host``, ``port`` and
-    ``authkey`` and their fallbacks ``DETAR_HOST`` (default ``127.0.0.1``), ``DETAR_PORT``
-    (default 29517) and ``DETAR_AUTHKEY`` (required, and secret, unless the host is loopback).
-    ``device`` defaults to ``rank % number of GPUs``. ``timeout`` bounds the wait for the other
-    ranks, in seconds.
+    Shaped like ``cupyx.distributed.init_process_group``. Rank 0 listens and the others connect
+    to it; see :func:`detar_cupy._rendezvous.connect` for ``host``, ``port`` and ``authkey`` and
+    their fallbacks ``DETAR_HOST`` (default ``127.0.0.1``), ``DETAR_PORT`` (default 29517) and
+    ``DETAR_AUTHKEY``. On loopback without a secret, ranks meet on a Unix socket only this user
+    can reach; with a secret (required off loopback, the same random value on every rank) over
+    TCP, every message authenticated with it. Nothing received is unpickled. ``device``
+    defaults to ``rank % number of GPUs``. ``timeout`` bounds the wait for the other ranks (and
+    each later exchange of setup values between them), in seconds. ``transport``: ``"auto"``
+    (IPC where every rank shares a node with P2P between all GPUs, else NCCL), ``"ipc"`` or
+    ``"nccl"``; every rank passes the same.
+
+    Under torchrun, ``init_process_group()`` with no arguments takes the world size, rank and
+    device from ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``, and listens on ``MASTER_PORT + 1``
+    (torch's store has ``MASTER_PORT``); explicit arguments and ``DETAR_HOST``/``DETAR_PORT``
+    take precedence (the full rules: :mod:`detar_cupy._launchers`).
     """
+    n_devices, rank, device, host, port = resolve_launch(n_devices, rank, device, host, port)
     check_world(n_devices, rank)
-    if device is None:
-        gpus = _cuda_device_count()
-        if gpus < 1:
-            raise ValueError("CuPy sees no GPU")
-        device = rank % gpus
-    elif not isinstance(device, int) or device < 0:
+    _check_transport(transport)
+    if device is not None and (not isinstance(device, int) or device < 0):
         raise ValueError(f"device must be an int >= 0, got {device!r}")
+    # The GPU is checked before waiting for the peers: a rank that cannot work says so at once.
+    gpus = _cuda_device_count()
+    if device is None:
+        device = rank % gpus
+    elif device >= gpus:
+        raise GpuUnavailableError(f"device={device} does not exist: CuPy sees {gpus} GPU(s) "
+                                  "(CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES may hide some)")
     # Imported before connecting, so that a broken install fails before the other ranks wait.
     from detar_cupy.communicator import Communicator
 
     rendezvous = connect(n_devices, rank, host=host, port=port, authkey=authkey, timeout=timeout)
     try:
-        return Communicator._from_rendezvous(rendezvous, device)
+        return Communicator._from_rendezvous(rendezvous, device, transport)
     except BaseException:
         rendezvous.close()
         raise
 
 
-def _make_communicator(rendezvous: Rendezvous, device: int) -> Communicator:
+def _check_transport(transport: str) -> None:
+    from detar_cupy.transports.select import check_transport
+
+    check_transport(transport)
+
+
+def _make_communicator(rendezvous: Rendezvous, device: int,
+                       transport: str = "auto") -> Communicator:
     from detar_cupy.communicator import Communicator
 
-    return Communicator._from_rendezvous(rendezvous, device)
+    return Communicator._from_rendezvous(rendezvous, device, transport)
 
 
 def _cuda_device_count() -> int:
+    """The GPUs CuPy sees (at least one), or a detar error saying why none can be used."""
     try:
         import cupy
     except ImportError as exc:
         raise CupyMissingError(str(exc)) from exc
-    return int(cupy.cuda.runtime.getDeviceCount())
+    try:
+        gpus = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # CUDARuntimeError/HIP error: no driver, driver too old, no device
+        raise GpuUnavailableError(
+            f"CuPy is installed but cannot reach a GPU ({type(exc).__name__}: {exc}); check that "
+            "the GPU driver works (nvidia-smi or rocm-smi) and that the CuPy build matches it "
+            "(cupy-cuda12x/13x for CUDA, cupy-rocm-* for ROCm)") from None
+    if gpus < 1:
+        raise GpuUnavailableError("CuPy sees no GPU (CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES "
+                                  "may hide them)")
+    return gpus
 
 
 def _check_spawn_args(nprocs: int | None, devices: Sequence[int] | None, timeout: float | None,

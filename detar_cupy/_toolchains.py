@@ -267,6 +267,65 @@ def nvrtc_compile(source: str, arch: str, options: Sequence[str] = ()) -> str:
     return nvrtc_compile_full(source, opts, arch=arch).ptx
 
 
+# The oldest NVRTC CuPy users compile with: CUDA 12.0 (cupy-cuda12x), from the
+# ``nvidia-cuda-nvrtc-cu12`` wheel the test extra pins, loaded directly through ctypes beside the
+# NVRTC 13 that cuda-bindings uses. Older NVRTCs lack front-end features newer ones have
+# (``__builtin_offsetof`` arrived after 13.0; ``-fdevice-syntax-only`` after 12.0), so the
+# matrix generates code with it too.
+
+@functools.lru_cache(maxsize=None)
+def _legacy_nvrtc() -> tuple[ctypes.CDLL, str] | None:
+    try:
+        import nvidia.cuda_nvrtc  # noqa: PLC0415  (optional: the cu12 wheel)
+    except ImportError:
+        return None
+    for root in getattr(nvidia.cuda_nvrtc, "__path__", ()):
+        lib = os.path.join(root, "lib", "libnvrtc.so.12")
+        if os.path.exists(lib):
+            # libnvrtc opens its builtins library by name at compile time: load it first
+            for builtins in sorted(glob.glob(os.path.join(root, "lib", "libnvrtc-builtins.so.12*"))):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(lib), lib
+    return None
+
+
+def legacy_nvrtc_available() -> Availability:
+    """Whether the CUDA 12.0 NVRTC wheel (``nvidia-cuda-nvrtc-cu12``) is installed."""
+    found = _legacy_nvrtc()
+    if found is None:
+        return Availability(False, "nvidia-cuda-nvrtc-cu12 not installed (the 'test' extra)")
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    found[0].nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return Availability(True, detail=f"NVRTC {major.value}.{minor.value} ({found[1]})")
+
+
+def legacy_nvrtc_compile(source: str, options: Sequence[str]) -> str:
+    """PTX of ``source`` from the CUDA 12 NVRTC with exactly ``options``; CompileError with the
+    log on failure."""
+    found = _legacy_nvrtc()
+    if found is None:
+        raise CompileError("NVRTC 12", "", options, "nvidia-cuda-nvrtc-cu12 not installed")
+    lib = found[0]
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"detar.cu", 0, None, None):
+        raise CompileError("NVRTC 12", "", options, "nvrtcCreateProgram failed")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+        res = lib.nvrtcCompileProgram(prog, len(options), opts)
+        n = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if res:
+            raise CompileError("NVRTC 12", "", options, log.value.decode(errors="replace"))
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+        ptx = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 # ------------------------------------------------------------------------------------------------
 # hiprtc (and its replica on clang)
 # ------------------------------------------------------------------------------------------------
@@ -505,7 +564,7 @@ def clang_compile_like_hiprtc(source: str, arch: str, options: Sequence[str] = (
         with open(hdr, "wb") as f:
             f.write(_hiprtc_builtin_header())
         src = os.path.join(d, name)
-        with open(src, "w") as f:
+        with open(src, "w", encoding="utf-8") as f:
             f.write(source)
         out = os.path.join(d, "out.co")
         libs = rocm_device_lib_dir()

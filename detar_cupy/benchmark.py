@@ -582,7 +582,7 @@ def _host_cost(comm: Any) -> dict:
     f = _kernels.function(_kernels.ModuleKey(None, comm.world_size),
                           _kernels.nop_name(comm.world_size), comm.device.id)
     launcher = Launcher(Ctx())
-    p = launcher.prepare(f.ptr, 1, 256, 0, 0, 256, 0, 0)
+    p = launcher.prepare(f.ptr, 1, 256, 0, 0, 256, 0, 0, 256, 0)
     launch = launcher.launch_kernel
     stream = cp.cuda.get_current_stream()
     sptr = stream.ptr

@@ -15,6 +15,11 @@ class CupyMissingError(DetarError, ImportError):
         super().__init__(f"{msg} ({detail})" if detail else msg)
 
 
+class GpuUnavailableError(DetarError, RuntimeError):
+    """CuPy is installed but cannot use the GPU asked for (no driver, no device, a device index
+    that does not exist)."""
+
+
 class RendezvousError(DetarError):
     """Ranks could not be wired together (port in use, refused auth key, bad hello …)."""
 

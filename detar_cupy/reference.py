@@ -21,8 +21,10 @@ inputs ``x_0 … x_{N-1}``::
 - avg (floating types only): the sum fold, then one correctly rounded division by N in A (each
   component by the real N for complex), flushed where the policy applies.
 - cast_out: A to the input type, round-to-nearest-even (overflow gives inf).
-
-NaN stays NaN; its payload is unspecified.
+- NaN: every NaN result is the one canonical quiet NaN of its type (:data:`CANONICAL_NAN`:
+  positive, quiet bit only; each component on its own for complex types), whatever NaN the
+  inputs held and whatever the hardware produces (inf - inf is 0xFFC00000 on x86, 0x7FFFFFFF on
+  NVIDIA): the bits are then the same everywhere.
 """
 from __future__ import annotations
 
@@ -33,8 +35,12 @@ import numpy as np
 
 from .dtypes import DTYPES, DType, dtype_name, lookup, numpy_dtype
 
-__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "fold_partial",
-           "finish", "flush_denormals_f32", "bits_equal"]
+__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "fold_partial", "finish",
+           "flush_denormals_f32", "bits_equal", "CANONICAL_NAN"]
+
+#: The canonical NaN of each floating type, as its bits (complex types: per component).
+CANONICAL_NAN = {"float16": 0x7E00, "bfloat16": 0x7FC0, "float32": 0x7FC00000,
+                 "float64": 0x7FF8000000000000}
 
 _F32_EXPONENT = np.uint32(0x7F800000)
 _F32_SIGN = np.uint32(0x80000000)
@@ -143,30 +149,16 @@ def fold_partial(inputs: Sequence[np.ndarray], op: str = "sum", dtype: str | Non
             raise ValueError("fold_partial needs inputs or a partial to continue")
         return np.array(partial).reshape(-1)
     dt, arrays = _prepare(inputs, dtype, op)
-    flats = [a.reshape(-1) for a in arrays]
-    acc_type = numpy_dtype(dt.acc)
-    flush = dt.is_float32_acc
-    with np.errstate(all="ignore"):  # as in _reduce: wrap-around and overflow are the contract
-        if partial is None:
-            acc, rest = _to_acc(flats[0], acc_type, flush, copy=True), flats[1:]
-        else:
-            acc, rest = np.array(partial, dtype=acc_type).reshape(-1), flats
-        for x in rest:
-            acc = _step(dt, op, acc, _to_acc(x, acc_type, flush, copy=False), flush)
-    return acc
+    start = None if partial is None else np.array(partial, dtype=numpy_dtype(dt.acc)).reshape(-1)
+    return _fold(dt, op, [a.reshape(-1) for a in arrays], start)
 
 
 def finish(partial: np.ndarray, op: str, world_size: int, dtype: str) -> np.ndarray:
     """The end of the fold of :func:`all_reduce` over ``world_size`` ranks from the partial of
-    :func:`fold_partial`: avg's division by N, then the rounding to ``dtype`` (a new array)."""
+    :func:`fold_partial`: avg's division by N, the rounding to ``dtype`` and the canonical NaN
+    (a new array)."""
     dt = lookup(dtype, op)
-    acc = np.array(partial, dtype=numpy_dtype(dt.acc))
-    with np.errstate(all="ignore"):
-        if op == "avg":
-            _divide_inplace(acc, world_size)
-            if dt.is_float32_acc:
-                _flush_inplace(acc)
-        return acc.astype(numpy_dtype(dt.name), copy=False)
+    return _finish(dt, op, np.array(partial, dtype=numpy_dtype(dt.acc)), world_size)
 
 
 def flush_denormals_f32(a: np.ndarray) -> np.ndarray:
@@ -184,25 +176,12 @@ def flush_denormals_f32(a: np.ndarray) -> np.ndarray:
 
 
 def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when ``a`` and ``b`` are bitwise identical, NaN payloads aside.
-
-    Shapes and dtypes must match (otherwise the result is False). Every element must have the
-    same bits in both, except that where a floating-point element (each component separately for
-    complex types) is NaN in ``a`` it only has to be NaN in ``b`` too, with any payload and sign.
-    """
+    """True when ``a`` and ``b`` have the same shape, dtype and bits, element for element (NaNs
+    included: the contract gives every NaN result one canonical pattern)."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.dtype in (np.complex64, np.complex128):  # NaN-ness is per component
-        a, b = _components(a), _components(b)
-    uint = _UINT_OF_SIZE.get(a.dtype.itemsize)
-    if uint is None:  # no integer of that width (e.g. longdouble): exact bytes
-        return a.tobytes() == b.tobytes()
-    same = np.ascontiguousarray(a).view(uint) == np.ascontiguousarray(b).view(uint)
-    if a.dtype.kind == "f" or a.dtype == numpy_dtype("bfloat16"):
-        same |= np.isnan(a) & np.isnan(b)
-    return bool(same.all())
+    return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
 # --------------------------------------------------------------------------- validation
@@ -253,19 +232,47 @@ def _prepare(inputs: Sequence[np.ndarray], dtype: str | None,
 
 def _reduce(dt: DType, op: str, flats: list[np.ndarray]) -> np.ndarray:
     """The fold of one-dimensional inputs, cast back to the input dtype (a new array)."""
+    return _finish(dt, op, _fold(dt, op, flats, None), len(flats))
+
+
+def _fold(dt: DType, op: str, flats: list[np.ndarray], partial: np.ndarray | None) -> np.ndarray:
+    """The left fold of ``flats`` in the accumulator type, continued from ``partial`` (an
+    accumulator array, modified) when given: no finish, no rounding."""
     acc_type = numpy_dtype(dt.acc)
     flush = dt.is_float32_acc
     # Inputs are validated; the warnings numpy would give (integer wrap, inf - inf, overflow to
     # inf, overflow in the 16-bit cast) are all intended behaviour of the contract.
     with np.errstate(all="ignore"):
-        acc = _to_acc(flats[0], acc_type, flush, copy=True)
-        for x in flats[1:]:
+        if partial is None:
+            acc, flats = _to_acc(flats[0], acc_type, flush, copy=True), flats[1:]
+        else:
+            acc = partial
+        for x in flats:
             acc = _step(dt, op, acc, _to_acc(x, acc_type, flush, copy=False), flush)
+    return acc
+
+
+def _finish(dt: DType, op: str, acc: np.ndarray, n: int) -> np.ndarray:
+    """avg's division by the ``n`` ranks, the rounding to the element type and the canonical
+    NaN: the end of every fold (``acc`` is the accumulator, modified)."""
+    with np.errstate(all="ignore"):
         if op == "avg":
-            _divide_inplace(acc, len(flats))
-            if flush:
+            _divide_inplace(acc, n)
+            if dt.is_float32_acc:
                 _flush_inplace(acc)
-        return acc.astype(numpy_dtype(dt.name), copy=False)
+        out = acc.astype(numpy_dtype(dt.name), copy=False)
+    if dt.kind != "int":
+        _canonical_nan_inplace(out, dt)
+    return out
+
+
+def _canonical_nan_inplace(a: np.ndarray, dt: DType) -> None:
+    """Replace every NaN of a floating result (each component of a complex one) by the
+    canonical NaN of its type."""
+    parts = _components(a) if dt.kind == "complex" else a
+    name = {"complex64": "float32", "complex128": "float64"}.get(dt.name, dt.name)
+    bits = parts.view(_UINT_OF_SIZE[parts.dtype.itemsize])
+    bits[np.isnan(parts)] = CANONICAL_NAN[name]
 
 
 def _to_acc(x: np.ndarray, acc_type: np.dtype, flush: bool, copy: bool) -> np.ndarray:

@@ -78,10 +78,11 @@ def unpicklable_on(comm: FakeComm, bad_rank: int) -> Any:
     return threading.Lock() if comm.rank == bad_rank else comm.rank
 
 
-def connect_and_exchange(world: int, rank: int, port: int, out: Any) -> None:
+def connect_and_exchange(world: int, rank: int, port: int, authkey: str | None,
+                         out: Any) -> None:
     """A rank started by someone else than spawn(): joins with connect(), reports to out."""
     from detar_cupy._rendezvous import connect
 
-    with connect(world, rank, port=port, authkey="test", timeout=20) as rendezvous:
+    with connect(world, rank, port=port, authkey=authkey, timeout=20) as rendezvous:
         out.put((rank, rendezvous.exchange(f"from {rank}")))
         rendezvous.barrier()

@@ -309,6 +309,8 @@ def installed(world: World, monkeypatch: Any):
     rt.hostAlloc = lambda size, flags: memory.alloc(size)
     rt.freeHost = memory.free
     rt.memset = lambda ptr, value, size: ctypes.memset(ptr, value, size)
+    rt.memcpyHostToDevice = 1
+    rt.memcpy = lambda dst, src, size, kind: ctypes.memmove(dst, src, size)
     rt.setDevice = lambda device: None
     rt.deviceGetPCIBusId = lambda device: "0000:00:00.0"
     rt.streamIsCapturing = lambda stream: False

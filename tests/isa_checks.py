@@ -38,6 +38,28 @@ the others one; the NCCL transport's fold, copy and header kernels have none):
 PTX also: no ``ld.global.nc`` in collective kernels (staging is written by peers while the kernel
 runs, and in-place calls alias input and output; the non-coherent path may serve stale data).
 
+float32 arithmetic (the contract: IEEE rounding, then the flush in software, whatever the
+compiler's denormal flags):
+
+- PTX: no flushing or approximate float32 arithmetic in any kernel (``add``/``sub``/``mul``/
+  ``div``/``fma``/``mad`` with ``.ftz`` on ``.f32``, ``div.approx``/``div.full``): CuPy's
+  ``-ftz=true`` would otherwise flush results that IEEE rounds up to FLT_MIN.
+- AMDGPU: every prod/avg kernel of a float32-accumulating dtype (float16, bfloat16, float32,
+  complex64) multiplies/divides on the exact float64 path (``v_mul_f64`` or
+  ``v_div_scale_f64``; an avg by a power of two is an exact f64 multiply), since the f32
+  instructions flush under CuPy's ``-fcuda-flush-denormals-to-zero``.
+
+LL lines (every kernel but the empty one announces through them): on PTX each 16-byte volatile
+line access has 64-bit elements (``.v2.b64``), so each {data, flag} half is single-copy atomic by
+the PTX model; a ``.v4.u32`` volatile access (32-bit elements) is a violation.
+
+Per-wave release before the block barrier (AMD gfx90a/gfx940; LLVM's workgroup fence of
+``__syncthreads()`` waits for no other wave's stores): every barrier of a barrier kernel is an
+``s_barrier`` preceded by a system-scope release fence (``buffer_wbl2`` at system scope, then
+``s_waitcnt vmcnt(0)``) with no memory instruction in between. gfx908 implements a system
+release fence as a bare ``s_waitcnt vmcnt(0)``, which the compiler also emits on its own, so
+there the check cannot tell the fence from its absence and is not made.
+
 16-byte data path (one_shot, two_shot, node_carry, and the NCCL transport's fold): at least
 ``world size`` 16-byte global loads (one per rank in the unrolled fold; the fold, whose number of
 ranks is a parameter, at least one): PTX ``ld[.global][...].v4.{b,u,s,f}32`` or
@@ -72,6 +94,27 @@ def world_size_of(name: str) -> int:
     return int(m.group(1)) if m else 1
 
 
+#: float32-accumulating dtypes (the denormal policy applies) and the ops that multiply/divide.
+F32_ACC_DTYPES = ("float16", "bfloat16", "float32", "complex64")
+
+
+def uses_f32_mul_or_div(name: str) -> bool:
+    """A reducing kernel whose fold multiplies or divides in float32 (prod or avg over two or
+    more ranks: with one, prod multiplies nothing and avg divides by 1, which is no operation;
+    the NCCL transport's fold takes any number of ranks)."""
+    parts = name.split("_")
+    return (len(parts) > 2 and parts[1] in F32_ACC_DTYPES and parts[2] in ("prod", "avg")
+            and (world_size_of(name) >= 2 or name.endswith("_fold")))
+
+
+def uses_lines(name: str) -> bool:
+    """Every IPC kernel but the empty one and the coalescing one stores and loads LL lines
+    (announce, headers); of the NCCL transport's kernels only the node carry (an IPC barrier)."""
+    if name.endswith(("_fold", "_slots")) or name.startswith("detar_header_"):
+        return False
+    return name.startswith("detar_") and not name.startswith(("detar_nop", "detar_segments"))
+
+
 @dataclass
 class KernelReport:
     """What the checks found in one kernel."""
@@ -80,6 +123,8 @@ class KernelReport:
     sys_release: int = 0
     sys_acquire: int = 0
     vector_loads: int = 0
+    line_accesses: set = field(default_factory=set)  # PTX: "ld"/"st" seen as .v2.b64 volatile
+    wave_releases: int = 0  # AMD: s_barriers preceded by a system release fence
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -92,15 +137,19 @@ class KernelReport:
 # ------------------------------------------------------------------------------------------------
 
 _PTX_ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(\w+)\s*\(", re.M)
+_PTX_FUNC = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.func\b", re.M)
 
 
 def split_ptx(ptx: str) -> dict[str, str]:
-    """Kernel name -> its PTX text (from ``.entry NAME(`` to the next entry)."""
-    marks = [(m.start(), m.group(1)) for m in _PTX_ENTRY.finditer(ptx)]
+    """Kernel name -> its PTX text (from ``.entry NAME(`` to the next entry or device function:
+    the out-of-line cold functions are checked on their own terms, not as part of a kernel)."""
+    marks = sorted([(m.start(), m.group(1)) for m in _PTX_ENTRY.finditer(ptx)]
+                   + [(m.start(), None) for m in _PTX_FUNC.finditer(ptx)])
     out = {}
     for i, (start, name) in enumerate(marks):
-        end = marks[i + 1][0] if i + 1 < len(marks) else len(ptx)
-        out[name] = ptx[start:end]
+        if name is not None:
+            end = marks[i + 1][0] if i + 1 < len(marks) else len(ptx)
+            out[name] = ptx[start:end]
     return out
 
 
@@ -123,7 +172,12 @@ _PTX_ACQ = re.compile(r"^ld\.(?:\w+\.)*acquire\.(sys|gpu|cta|cluster)\b"
                       r"|^atom\.(?:\w+\.)*(?:acquire|acq_rel)\.(sys|gpu|cta|cluster)\b")
 _PTX_SYS_FENCE = re.compile(r"^(?:fence\.(?:sc|acq_rel)\.sys|membar\.sys)\b")
 _PTX_VEC_LOAD = re.compile(r"^ld\.(?:[\w]+\.)*?(?:v4\.[busf]32|v2\.[busf]64)\b")
+_PTX_NOT_MEMORY = re.compile(r"\.(?:param|local|shared|const)\.")
 _PTX_NC_LOAD = re.compile(r"^ld\.global(?:\.[\w:]+?)*?\.nc\b")
+_PTX_FTZ_F32 = re.compile(r"^(?:add|sub|mul|div|fma|mad)(?:\.\w+)*\.ftz(?:\.\w+)*\.f32$"
+                          r"|^div\.(?:approx|full)(?:\.\w+)*\.f32$")
+_PTX_LINE_32 = re.compile(r"^(?:ld|st)\.volatile\.global\.v4\.[bus]32$")
+_PTX_LINE_64 = re.compile(r"^(ld|st)\.volatile\.global\.v2\.[bu]64$")
 
 
 def check_ptx_kernel(name: str, body: str) -> KernelReport:
@@ -148,11 +202,24 @@ def check_ptx_kernel(name: str, body: str) -> KernelReport:
         if _PTX_SYS_FENCE.match(op):
             rep.sys_release += 1
             rep.sys_acquire += 1
-        if _PTX_VEC_LOAD.match(op) and ".volatile." not in op:  # volatile: LL lines, not data
+        if (_PTX_VEC_LOAD.match(op) and ".volatile." not in op  # volatile: LL lines, not data
+                and not _PTX_NOT_MEMORY.search(op)):  # a call's return value, spills: not data
             rep.vector_loads += 1
         if _PTX_NC_LOAD.match(op) and (barriers_in(name) or "_ll" in name):
             rep.violations.append(f"non-coherent load (peers write staging during the kernel, "
                                   f"in-place calls alias in and out): {ins}")
+        if _PTX_FTZ_F32.match(op):
+            rep.violations.append(f"flushing/approximate float32 arithmetic (results IEEE rounds "
+                                  f"up to FLT_MIN would become 0): {ins}")
+        if _PTX_LINE_32.match(op):
+            rep.violations.append(f"LL line access with 32-bit elements (a {{data, flag}} half "
+                                  f"is then not single-copy atomic): {ins}")
+        m = _PTX_LINE_64.match(op)
+        if m:
+            rep.line_accesses.add(m.group(1))
+    if uses_lines(name) and rep.line_accesses != {"ld", "st"}:
+        rep.violations.append(f"LL lines not accessed as 64-bit-element volatile vectors "
+                              f"(found {sorted(rep.line_accesses)} of ld/st .v2.b64)")
     _judge(rep, check_release=True)
     return rep
 
@@ -273,9 +340,38 @@ def check_amdgpu_kernel(name: str, body: str, arch: str) -> KernelReport:
             rep.violations.append(f"{kind} at {scope} scope (must be system): {s}")
     rep.vector_loads = sum(1 for s in ins if s.split()[0] == "global_load_dwordx4")
     flat16 = sum(1 for s in ins if s.split()[0] == "flat_load_dwordx4")
+    if uses_f32_mul_or_div(name):
+        # avg by a power of two is an exact f64 multiply (v_mul_f64), by others a division
+        if not {s.split()[0] for s in ins} & {"v_mul_f64", "v_div_scale_f64"}:
+            rep.violations.append("float32 multiply/divide not on the exact float64 path (the f32 "
+                                  "instructions flush results IEEE rounds up to FLT_MIN)")
+    if arch != "gfx908" and barriers_in(name):
+        rep.wave_releases = _wave_releases(ins, arch)
+        if rep.wave_releases < barriers_in(name):
+            rep.violations.append(f"{rep.wave_releases} s_barrier(s) preceded by a system-scope "
+                                  f"release fence in every wave, need >= {barriers_in(name)} "
+                                  f"(one per barrier)")
     # gfx908 has no release marker at any scope above workgroup: the count cannot be checked
     _judge(rep, check_release=(arch != "gfx908"), flat16=flat16)
     return rep
+
+
+def _wave_releases(ins: list[str], arch: str) -> int:
+    """s_barriers whose nearest earlier memory or cache instruction is a system-scope L2
+    writeback (``buffer_wbl2``; gfx940: with ``sc0 sc1``) with an ``s_waitcnt vmcnt(0)`` after
+    it: every wave has published its own stores before the block barrier."""
+    count = 0
+    for i, s in enumerate(ins):
+        if s.split()[0] != "s_barrier":
+            continue
+        j = _scan(ins, i, -1)
+        if j is None or ins[j].split()[0] != "buffer_wbl2":
+            continue
+        if arch == "gfx940" and not {"sc0", "sc1"} <= _bits(ins[j]):
+            continue
+        if any(w.startswith("s_waitcnt") and "vmcnt(0)" in w for w in ins[j + 1:i]):
+            count += 1
+    return count
 
 
 def memory_signature(body: str, arch: str) -> tuple:

@@ -58,6 +58,15 @@ TARGETS: tuple[tuple[str, str], ...] = (
 #: one target per ISA rule set for the must-fail renders (sm_80's PTX comes from the same
 #: NVRTC and inline asm as sm_90's)
 WEAKEN_TARGETS = ("sm_90", "gfx908", "gfx90a", "gfx940")
+#: the weakenings each of those targets can show: LL line elements are a PTX rule (HIP's lines
+#: are two 8-byte atomics by construction), the per-wave release is checkable where the
+#: system release fence has its own instruction (not gfx908: see isa_checks)
+WEAKENINGS = {
+    "sm_90": ("flag_scope", "vector", "ftz", "ll_lines"),
+    "gfx908": ("flag_scope", "vector", "ftz"),
+    "gfx90a": ("flag_scope", "vector", "ftz", "wave_release"),
+    "gfx940": ("flag_scope", "vector", "ftz", "wave_release"),
+}
 #: modules of the must-fail renders: all barrier algorithms (reducing + data-moving modules, the
 #: hierarchical transport's node carry) and the NCCL transport's folds (vector loads)
 WEAKEN_KEYS = (("float32", 2, "ipc"), (None, 2, "ipc"), ("float32", 2, "nccl"),
@@ -133,7 +142,7 @@ def option_sets(platform: str, arch: str) -> dict[str, tuple[str, ...]]:
 class Job:
     arch: str
     label: str  # cupy14, cupy13, ...
-    mode: str  # "full", "cubin" or "syntax"
+    mode: str  # "full", "cubin", "syntax" or "legacy" (PTX from the CUDA 12.0 NVRTC)
     options: tuple[str, ...]
     keys: tuple[tuple[str | None, int, str], ...]  # (dtype, world size, family) of ModuleKeys
     weaken: str | None = None
@@ -172,7 +181,11 @@ def run_job(job: Job) -> Result:
                 T.hiprtc_syntax_check(src, job.arch, job.options)
             res.seconds = time.perf_counter() - t0
             return res
-        if job.platform == "cuda":
+        if job.mode == "legacy":
+            ptx = T.legacy_nvrtc_compile(src, job.options)
+            res.seconds = time.perf_counter() - t0
+            reports = I.check_ptx(ptx, names)
+        elif job.platform == "cuda":
             out = T.nvrtc_compile_full(src, job.options, arch=job.arch)
             res.cubin_bytes = len(out.cubin or b"")
             res.seconds = time.perf_counter() - t0
@@ -262,15 +275,20 @@ def build_jobs(targets) -> list[Job]:
             # CuPy's exact -arch=sm_XX (PTX + ptxas -> cubin) on every dtype's module at one
             # world size: every inline-asm site through ptxas for this target
             jobs.append(Job(arch, label, "cubin", opts, cubin_keys))
+            if arch == "sm_90" and T.legacy_nvrtc_available():
+                # the oldest NVRTC of CuPy's CUDA 12 wheels, with CuPy 13.3's options: every
+                # dtype's module through its front end and code generation
+                legacy = _ptx_only(T.cupy_options("cuda", 13, K.compile_options("cuda"), arch,
+                                                  include_dir=_INCLUDE_DIR))
+                jobs.append(Job(arch, "cupy13", "legacy", legacy, cubin_keys))
         if sizes != _ALL_N:  # every variant through this target's front end
             jobs.append(Job(arch, label, "syntax", opts, tuple(allkeys)))
         for olabel, oopts in others:  # front end only, one translation unit
             jobs.append(Job(arch, olabel, "syntax", oopts, tuple(allkeys)))
-        if arch in WEAKEN_TARGETS:
-            for w in ("flag_scope", "vector"):
-                jobs.append(Job(arch, label, "full", full_opts, WEAKEN_KEYS, weaken=w))
+        for w in WEAKENINGS.get(arch, ()):
+            jobs.append(Job(arch, label, "full", full_opts, WEAKEN_KEYS, weaken=w))
     # most expensive first for load balance (cost grows with world size)
-    cost = {"full": 1.0, "cubin": 2.0, "syntax": 0.02}
+    cost = {"full": 1.0, "cubin": 2.0, "syntax": 0.02, "legacy": 1.0}
     jobs.sort(key=lambda j: -cost[j.mode] * sum(1 + n for _, n, _ in j.keys))
     return jobs
 
@@ -427,6 +445,28 @@ def test_hiprtc_replica_matches_hiprtc():
             assert I.memory_signature(a[n], "gfx90a") == I.memory_signature(b[n], "gfx90a"), n
 
 
+def test_layout_drift_fails_to_compile():
+    """Host and kernels share their structs through static_asserts on every field offset: a
+    host layout with two same-size fields swapped (which no size check would notice) must not
+    compile."""
+    import ctypes
+
+    from detar_cupy import _protocol
+
+    _need(T.nvrtc_available(), "NVRTC")
+    fields = list(_protocol.Ctx._fields_)
+    i, j = [k for k, (n, *_) in enumerate(fields) if n in ("start_flags", "mid_flags")]
+    fields[i], fields[j] = fields[j], fields[i]
+    drifted = type("Ctx", (ctypes.Structure,), {"_fields_": fields})
+    key = [K.ModuleKey(None, 1)]
+    opts = option_sets("cuda", "sm_90")[f"cupy{PRIMARY_CUPY}"]
+    T.nvrtc_syntax_check(K.render(key), opts)  # the true layout compiles
+    with pytest.raises(T.CompileError, match="Ctx.start_flags must sit at byte"):
+        T.nvrtc_syntax_check(K.render(key, layouts={"Ctx": drifted,
+                                                    "Report": _protocol.Report,
+                                                    "State": _protocol.State}), opts)
+
+
 def test_compile_error_carries_log():
     _need(T.nvrtc_available(), "nvrtc")
     with pytest.raises(T.CompileError) as ei:
@@ -481,6 +521,24 @@ def test_matrix_cubin_sample(matrix, arch):
     assert not bad, f"ISA check failures on {arch}:\n{_violations(bad)}"
 
 
+def test_matrix_legacy_nvrtc(matrix):
+    """Every dtype's module (one world size) through NVRTC 12.0, the oldest of CuPy's CUDA 12
+    wheels, with CuPy 13.3's options: front-end features a newer NVRTC has and an older lacks
+    fail here, not on a user's first call. The PTX passes the same ISA checks."""
+    _skip_unselected("sm_90")
+    if REQUIRE:
+        assert T.legacy_nvrtc_available(), T.legacy_nvrtc_available().reason
+    elif not T.legacy_nvrtc_available():
+        pytest.skip(T.legacy_nvrtc_available().reason)
+    rs = matrix.of("sm_90", mode="legacy")
+    assert rs, "no legacy NVRTC job ran"
+    _fail_on_errors(rs)
+    assert sum(r.modules for r in rs) == len([k for k in K.module_keys()
+                                              if k.world_size == CUBIN_WORLD])
+    bad = [r for r in rs if r.bad]
+    assert not bad, f"ISA check failures with NVRTC 12.0:\n{_violations(bad)}"
+
+
 @pytest.mark.parametrize("platform", ["cuda", "hip"])
 def test_matrix_covers_every_variant_per_platform(platform):
     """Whatever the tier, every module gets full code generation on some target of each
@@ -529,21 +587,29 @@ def test_isa_flags_and_vectors(matrix, arch):
     assert not bad, f"ISA check failures on {arch}:\n{_violations(bad)}"
 
 
-def _weakened_kernels(which: str) -> list[str]:
+def _weakened_kernels(which: str, arch: str) -> list[str]:
     names = [n for k in WEAKEN_KEYS for n in K.kernel_names(K.ModuleKey(*k))]
-    if which == "flag_scope":
+    if which in ("flag_scope", "wave_release"):
         return [n for n in names if I.barriers_in(n)]
+    if which == "ftz":  # PTX: every float32 op flushes; AMD: the f64 path of prod/avg is gone
+        if _platform(arch) == "cuda":
+            return [n for n in names if n.split("_")[1] in I.F32_ACC_DTYPES
+                    and n.split("_")[2] in ("sum", "prod", "avg")]
+        return [n for n in names if I.uses_f32_mul_or_div(n)]
+    if which == "ll_lines":
+        return [n for n in names if I.uses_lines(n)]
     return [n for n in names if I.needs_vector_loads(n)]
 
 
-@pytest.mark.parametrize("which", ["flag_scope", "vector"])
-@pytest.mark.parametrize("arch", _target_params(WEAKEN_TARGETS))
+@pytest.mark.parametrize("arch,which", [pytest.param(a, w, id=f"{a}-{w}")
+                                        for a in WEAKEN_TARGETS for w in WEAKENINGS[a]])
 def test_weakened_render_is_caught(matrix, arch, which):
-    """The checks can fail: a render with weakened flags / scalar data loads is flagged in every
-    affected kernel."""
+    """The checks can fail: a render with weakened flags, scalar data loads, flushing float32
+    arithmetic, 32-bit LL line elements or no per-wave release is flagged in every affected
+    kernel."""
     rs = _results_or_skip(matrix, arch, weaken=which)
     _fail_on_errors(rs)
-    must = set(_weakened_kernels(which))
+    must = set(_weakened_kernels(which, arch))
     assert must, "nothing to weaken?"
     flagged = {n for r in rs for n in r.flagged}
     missed = sorted(must - flagged)
@@ -565,7 +631,9 @@ def test_matrix_summary(matrix, capsys):
         groups.setdefault((r.job.arch, r.job.label, mode), []).append(r)
     order = {a: i for i, (_, a) in enumerate(TARGETS)}
     for (arch, label, mode), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][2])):
-        if _platform(arch) == "cuda":
+        if mode == "legacy":
+            comp = T.legacy_nvrtc_available().detail.split(" (")[0]
+        elif _platform(arch) == "cuda":
             comp = "NVRTC %d.%d" % T.nvrtc_version()
         elif mode == "syntax":
             comp = "clang-15 (hiprtc f.end)"

@@ -277,10 +277,10 @@ def test_header_signatures_tell_calls_apart() -> None:
 
 
 def test_header_encoding_round_trips_and_is_rendered_with_its_offsets() -> None:
-    raw = _fold_abi.header_bytes(7, 0xDEADBEEF, 1 << 40, 3)
+    raw = _fold_abi.header_bytes(7, 0xDEADBEEF << 32 | 0xFEED, 1 << 40, 3)
     assert len(raw) == _fold_abi.HEADER_BYTES == 32
     h = _fold_abi.read_header(raw)
-    assert (h.epoch, h.sig, h.zero, h.count, h.aux) == (7, 0xDEADBEEF, 0, 1 << 40, 3)
+    assert (h.epoch, h.sig, h.count, h.aux) == (7, 0xDEADBEEF << 32 | 0xFEED, 1 << 40, 3)
     text = _fold_abi.c_source()
     for cls, name in ((_fold_abi.FoldArgs, "FoldArgs"), (_fold_abi.CallHeader, "CallHeader")):
         for field, _ in cls._fields_:

@@ -81,3 +81,52 @@ def test_unknown_algorithm_and_moving_size_rejected():
         _plan.all_reduce(geom(2), "float32", "sum", 10, "ring")
     with pytest.raises(TypeError, match="element size"):
         _plan.moving(geom(2), "all_gather", 3, 10)
+
+
+def _launch_signatures(g, kind: str, count: int, alg: str = "auto") -> list[int]:
+    if kind == "all_reduce":
+        return [l.sig for l in _plan.all_reduce(g, "float16", "sum", count, alg)]
+    if kind == "reduce_scatter":
+        return [l.sig for l in _plan.reduce_scatter(g, "float16", "sum", count)]
+    return [l.sig for l in _plan.moving(g, kind, 2, count, 1)]
+
+
+@pytest.mark.parametrize("kind,alg", [("all_reduce", "one_shot"), ("all_reduce", "two_shot"),
+                                      ("all_reduce", "ll"), ("all_reduce", "auto"),
+                                      ("reduce_scatter", "-"), ("all_gather", "-"),
+                                      ("broadcast", "-")])
+def test_chunked_calls_of_different_counts_differ_in_every_launch(kind, alg):
+    """Two ranks whose counts differ but both span several chunks: no launch of one may carry
+    the signature of a launch of the other, or the shorter call would pair with the longer
+    one's next chunk (wrong bits, no error). The default staging, world 2, fp16: 16 Mi vs 24 Mi
+    elements, then 8 Mi."""
+    g = _plan.Geometry(2, 32 << 20, 256 << 10, 128)
+    scale = 2 if kind == "broadcast" else 1  # one broadcast launch carries 16 Mi elements
+    a = _launch_signatures(g, kind, scale * 16 << 20, alg)
+    b = _launch_signatures(g, kind, scale * 24 << 20, alg)
+    c = _launch_signatures(g, kind, scale * 8 << 20, alg)
+    assert len(a) > 1 and len(b) > 1
+    assert not set(a) & set(b) and not set(b) & set(c)
+    # every launch of one call is distinct too (a rank that skipped one chunk is caught)
+    assert len(set(b)) == len(b)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_smallest_settings_plan_every_algorithm(n):
+    """The smallest staging and LL areas the settings accept still hold one pack per slot at the
+    largest world size: every plan makes progress (no zero-element chunks)."""
+    from detar_cupy import _settings
+
+    g = _plan.Geometry(n, 32 * _kernels_max_world(), 16, 1)
+    assert g.stage_half_bytes // 16 >= 2 * n
+    for alg in ("ll", "one_shot", "two_shot"):
+        for dtype in ("int8", "float16", "complex128"):
+            launches = _plan.all_reduce(g, dtype, "sum", 1000, alg)
+            assert sum(l.count for l in launches) == 1000 and all(l.count for l in launches)
+    assert _settings.Settings.ENV["staging_bytes"] == "DETAR_STAGING_BYTES"
+
+
+def _kernels_max_world() -> int:
+    from detar_cupy._protocol import MAX_WORLD
+
+    return MAX_WORLD

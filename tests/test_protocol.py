@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import re
-from importlib import resources
-
 import pytest
 
 from detar_cupy import _protocol
@@ -12,17 +9,37 @@ from detar_cupy.dtypes import DTYPES, OP_CODES
 from detar_cupy.errors import MismatchError, PeerTimeoutError
 
 
-def _sig(kind: str, dtype: str = "float16", op: str = "sum", count: int = 1000, aux: int = 0) -> int:
-    return _protocol.call_signature(kind, DTYPES[dtype].code, OP_CODES[op], count, aux)
+def _sig(kind: str, dtype: str = "float16", op: str = "sum", count: int = 1000, aux: int = 0,
+         chunk: int = 0, length: int | None = None) -> int:
+    return _protocol.call_signature(kind, DTYPES[dtype].code, OP_CODES[op], count, aux, chunk,
+                                    length)
 
 
-def test_layouts_match_the_kernel_source() -> None:
-    src = resources.files("detar_cupy.hip_src").joinpath("collectives.hip").read_text()
-    m = re.search(r"static_assert\(sizeof\(Report\) == (\d+) && sizeof\(Ctx\) == "
-                  r"5 \* MAX_N \* 8 \+ (\d+) \* 8", src)
-    assert m, "collectives.hip no longer asserts the layouts"
-    assert ctypes.sizeof(_protocol.Report) == int(m.group(1))
-    assert ctypes.sizeof(_protocol.Ctx) == 5 * 8 * 8 + int(m.group(2)) * 8
+def test_every_shared_field_is_pinned_in_the_rendered_source() -> None:
+    """The renderer asserts the offset of every field and the size of every struct the kernels
+    share with the host (the compile matrix compiles it; a drifted layout fails there)."""
+    from detar_cupy import _kernels
+
+    src = _kernels.render([_kernels.ModuleKey(None, 1)])
+    for cname, cls in (("Ctx", _protocol.Ctx), ("Report", _protocol.Report),
+                       ("State", _protocol.State)):
+        assert f"struct {cname} {{" in src
+        for name, *_ in cls._fields_:
+            off = getattr(cls, name).offset
+            assert f"__builtin_offsetof({cname}, {name}) == {off}" in src, (cname, name)
+        assert f"sizeof({cname}) == {ctypes.sizeof(cls)}" in src
+    for name, value in _protocol.SHARED_CONSTANTS.items():
+        assert f"#define {name} {value}\n" in src
+        assert src.count(f"#define {name} ") == 1, f"{name} is defined twice"
+
+
+def test_state_image_starts_every_block_at_the_first_epoch() -> None:
+    for first in (1, 2**31 - 2, 2**32 - 2, 2**63):
+        image = _protocol.State.from_buffer_copy(_protocol.state_image(first))
+        assert image.word == 0 and set(image.epoch) == {first - 1}
+    for bad in (0, 2**63 + 1):
+        with pytest.raises(ValueError, match="first epoch"):
+            _protocol.state_image(bad)
 
 
 @pytest.mark.parametrize("kind", _protocol.KINDS)
@@ -43,11 +60,23 @@ def test_signature_changes_with_count_and_aux() -> None:
     assert _sig("reduce_scatter", aux=5) != _sig("reduce_scatter", aux=6)
 
 
+def test_signature_covers_the_whole_call_not_only_the_chunk() -> None:
+    """Two calls whose counts differ but whose first chunks have the same length must differ in
+    every chunk's signature (else the shorter call pairs with the longer one's next chunk)."""
+    first_of_16mi = _sig("one_shot", count=16 << 20, chunk=0, length=4 << 20)
+    first_of_24mi = _sig("one_shot", count=24 << 20, chunk=0, length=4 << 20)
+    assert first_of_16mi != first_of_24mi
+    assert _sig("one_shot", count=1 << 24, chunk=1, length=1 << 20) != _sig(
+        "one_shot", count=1 << 24, chunk=2, length=1 << 20)
+
+
 def _report(code: int, peer: int, where: int, sig: int, peer_sig: int = 0, count: int = 1000,
-            peer_count: int = 0, aux: int = 0, peer_aux: int = 0) -> _protocol.Report:
+            peer_count: int = 0, aux: int = 0, peer_aux: int = 0, chunk: int = 0,
+            peer_chunk: int = 0) -> _protocol.Report:
     r = _protocol.Report()
     r.word, r.epoch, r.sig, r.peer_sig = code | peer << 8 | where << 16, 17, sig, peer_sig
     r.count, r.aux, r.peer_count, r.peer_aux = count, aux, peer_count, peer_aux
+    r.chunk, r.peer_chunk = chunk, peer_chunk
     return r
 
 
@@ -73,9 +102,18 @@ def test_mismatch_report_names_what_differs(theirs: dict, differs: tuple) -> Non
 def test_mismatch_without_the_peers_descriptor_still_names_count() -> None:
     unknown = (1 << 64) - 1
     r = _report(_protocol.ERR_MISMATCH, 1, 3, _sig("ll"), _sig("ll", count=7),
-                peer_count=unknown, peer_aux=unknown)
+                peer_count=unknown, peer_aux=unknown, peer_chunk=unknown)
     err = _protocol.decode_error(r, 0, 300.0)
     assert err.differs == ("count",) and err.theirs["count"] is None
+
+
+def test_mismatch_report_of_a_chunked_call_names_the_counts() -> None:
+    r = _report(_protocol.ERR_MISMATCH, 1, 1, _sig("two_shot", count=16 << 20, length=4 << 20),
+                _sig("two_shot", count=24 << 20, length=4 << 20), count=16 << 20,
+                peer_count=24 << 20)
+    err = _protocol.decode_error(r, 0, 10.0)
+    assert err.differs == ("count",)
+    assert f"count={16 << 20}" in str(err) and f"count={24 << 20}" in str(err)
 
 
 def test_timeout_report_names_the_peer_and_the_launch() -> None:

@@ -19,12 +19,19 @@ import pytest
 
 from detar_cupy import _spawn
 from detar_cupy._rendezvous import Rendezvous
-from detar_cupy.errors import CupyMissingError, RendezvousError, WorkerError
+from detar_cupy.errors import CupyMissingError, GpuUnavailableError, RendezvousError, WorkerError
 
 FAKE = workers.make_fake_comm
 # Spawned ranks start a fresh interpreter each: generous bounds for a loaded 2-core CI machine,
 # still far below the 60 s the surviving ranks would sleep.
 PROMPT_S = 20.0
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the default (one GPU per rank); the README's one-GPU command sets
+    DETAR_SHARE_GPUS=1 for the whole run. Tests of the opt-in set it themselves."""
+    monkeypatch.delenv("DETAR_SHARE_GPUS", raising=False)
 
 
 def assert_all_gone(pid_dir: Path | None = None) -> None:
@@ -207,7 +214,8 @@ class FakeCommunicator:
         self.rendezvous, self.device = rendezvous, device
 
     @classmethod
-    def _from_rendezvous(cls, rendezvous: Rendezvous, device: int) -> FakeCommunicator:
+    def _from_rendezvous(cls, rendezvous: Rendezvous, device: int,
+                         transport: str = "auto") -> FakeCommunicator:
         return cls(rendezvous, device)
 
 
@@ -241,15 +249,46 @@ def test_init_process_group() -> None:
 
 @pytest.mark.usefixtures("fake_communicator")
 def test_init_process_group_explicit_device_single_rank() -> None:
-    comm = _spawn.init_process_group(1, 0, device=7, timeout=1)
-    assert comm.device == 7 and comm.rendezvous.exchange("x") == ["x"]
+    comm = _spawn.init_process_group(1, 0, device=1, timeout=1)
+    assert comm.device == 1 and comm.rendezvous.exchange("x") == ["x"]
+
+
+@pytest.mark.usefixtures("fake_communicator")
+def test_init_process_group_checks_the_device_before_waiting_for_peers() -> None:
+    """A device that does not exist fails at once, not after the rendezvous timeout (the other
+    ranks never come here)."""
+    start = time.monotonic()
+    with pytest.raises(GpuUnavailableError, match="device=7 does not exist: CuPy sees 2"):
+        _spawn.init_process_group(2, 1, device=7, port=free_port(), timeout=30)
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("fails", ["no driver", "no device"])
+def test_no_usable_gpu_is_a_detar_error(fails: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CuPy installed but no driver (getDeviceCount raises) or no device: a GpuUnavailableError
+    saying so, from spawn and from init_process_group, before any process or wait."""
+    def count() -> int:
+        if fails == "no driver":
+            raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+        return 0
+
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=count))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    for call in (lambda: _spawn.spawn(workers.gather, 2),
+                 lambda: _spawn.init_process_group(2, 1, port=free_port(), timeout=30)):
+        start = time.monotonic()
+        with pytest.raises(GpuUnavailableError, match="driver|no GPU"):
+            call()
+        assert time.monotonic() - start < 5
+    assert_all_gone()
 
 
 @pytest.mark.usefixtures("fake_communicator")
 def test_init_process_group_closes_rendezvous_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[Rendezvous] = []
 
-    def broken(rendezvous: Rendezvous, device: int) -> None:
+    def broken(rendezvous: Rendezvous, device: int, transport: str) -> None:
         made.append(rendezvous)
         raise RuntimeError("no GPU today")
 
@@ -265,3 +304,42 @@ def test_init_process_group_closes_rendezvous_on_failure(monkeypatch: pytest.Mon
 def test_init_process_group_invalid(args: tuple[int, int], kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         _spawn.init_process_group(*args, timeout=1, **kw)
+
+
+@pytest.mark.usefixtures("fake_communicator")
+def test_init_process_group_without_arguments_under_torchrun(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node7.cluster",
+                        "MASTER_PORT": str(port - 1)}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("DETAR_HOST", "DETAR_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+    def rank0() -> tuple[Any, ...]:  # everything from the environment: loopback, MASTER_PORT + 1
+        comm = _spawn.init_process_group(timeout=10)
+        return comm.device, comm.rendezvous.rank, comm.rendezvous.exchange("zero")
+
+    def rank1() -> tuple[Any, ...]:  # explicit arguments for another rank: the environment unused
+        comm = _spawn.init_process_group(2, 1, port=port, device=0, timeout=10)
+        return comm.device, comm.rendezvous.rank, comm.rendezvous.exchange("one")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        out = [f.result(timeout=30) for f in [pool.submit(rank0), pool.submit(rank1)]]
+    assert out == [(1, 0, ["zero", "one"]), (0, 1, ["zero", "one"])]
+
+
+@pytest.mark.usefixtures("fake_communicator")
+def test_transport_is_checked_before_waiting_and_passed_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A misspelt transport is a ValueError before any rendezvous; a valid one reaches the
+    communicator."""
+    with pytest.raises(ValueError, match="transport must be one of"):
+        _spawn.init_process_group(1, 0, device=0, timeout=1, transport="nvlink")
+    with pytest.raises(ValueError, match="transport must be one of"):
+        _spawn.spawn(workers.gather, 2, transport="nvlink")
+    seen: list[str] = []
+    monkeypatch.setattr(FakeCommunicator, "_from_rendezvous",
+                        classmethod(lambda cls, rdv, device, transport: seen.append(transport)))
+    _spawn.init_process_group(1, 0, device=0, timeout=1, transport="nccl")
+    assert seen == ["nccl"]

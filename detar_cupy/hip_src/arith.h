@@ -1,42 +1,49 @@
-// Element arithmetic of the contract (DESIGN.md §1), identical on every compiler.
+// Element arithmetic of the contract (DESIGN.md section 1), identical on every compiler.
 //
 // float32 denormal policy: flush to a zero of the same sign, explicitly, on every value entering a
-// float32 accumulator and on every float32 operation's result. CuPy compiles with flush-to-zero
-// flags anyway; doing it in code as well makes the bits independent of those flags and of
-// whether min/max instructions honour the hardware denormal mode. float64 keeps subnormals.
+// float32 accumulator and on every float32 operation's result, after the operation has rounded as
+// IEEE 754 says (portability.h: f32_*_flush). The bits are then independent of the compiler's
+// denormal flags and of whether min/max instructions honour the hardware denormal mode. float64
+// keeps subnormals.
+//
+// NaN: every NaN result is the one canonical quiet NaN of its type (Traits<T>::store). Whether a
+// result is NaN is fixed by IEEE 754 for every input; only the payload differs between NVIDIA,
+// AMD and numpy, so canonicalising at the end of the fold gives the same bits everywhere.
 
-DEV float ftz(float x) {
-  const u32_t u = f32_bits(x);
-  return (u & 0x7f800000u) ? x : f32_from(u & 0x80000000u);
-}
+DEV float ftz(float x) { return f32_flush(x); }
 
-// Each operation is rounded on its own: reading the result's bits in ftz() keeps the compiler
-// from contracting a*b+c into an FMA, and the compile options turn contraction off for double.
-DEV float add(float a, float b) { return ftz(a + b); }
-DEV float sub(float a, float b) { return ftz(a - b); }
-DEV float mul(float a, float b) { return ftz(a * b); }
-DEV float divn(float a, int n) { return ftz(a / (float)n); }
+// Each operation is rounded on its own: the f32 primitives are inline PTX on CUDA (never
+// contracted into an FMA) and the compile options turn contraction off for double and on HIP.
+DEV float add(float a, float b) { return f32_add_flush(a, b); }
+DEV float sub(float a, float b) { return f32_sub_flush(a, b); }
+DEV float mul(float a, float b) { return f32_mul_flush(a, b); }
+DEV float divn(float a, int n) { return f32_div_flush(a, (float)n); }
 DEV double add(double a, double b) { return a + b; }
 DEV double sub(double a, double b) { return a - b; }
 DEV double mul(double a, double b) { return a * b; }
 DEV double divn(double a, int n) { return a / (double)n; }
 
-// min/max: NaN wins (payload unspecified); equal values merge their bits so that
+DEV bool is_nan(float a) { return (f32_bits(a) & 0x7fffffffu) > 0x7f800000u; }
+DEV bool is_nan(double a) { return (f64_bits(a) & 0x7fffffffffffffffull) > 0x7ff0000000000000ull; }
+DEV float canonical(float a) { return is_nan(a) ? f32_from(DETAR_NAN_F32) : a; }
+DEV double canonical(double a) { return is_nan(a) ? f64_from(DETAR_NAN_F64) : a; }
+
+// min/max: NaN wins (as the canonical NaN); equal values merge their bits so that
 // min(-0, +0) = -0 and max(-0, +0) = +0 on every backend, whatever its min instruction does.
 DEV float vmin(float a, float b) {
-  if (a != a || b != b) return a + b;
+  if (is_nan(a) || is_nan(b)) return f32_from(DETAR_NAN_F32);
   return a < b ? a : (b < a ? b : f32_from(f32_bits(a) | f32_bits(b)));
 }
 DEV float vmax(float a, float b) {
-  if (a != a || b != b) return a + b;
+  if (is_nan(a) || is_nan(b)) return f32_from(DETAR_NAN_F32);
   return a > b ? a : (b > a ? b : f32_from(f32_bits(a) & f32_bits(b)));
 }
 DEV double vmin(double a, double b) {
-  if (a != a || b != b) return a + b;
+  if (is_nan(a) || is_nan(b)) return f64_from(DETAR_NAN_F64);
   return a < b ? a : (b < a ? b : f64_from(f64_bits(a) | f64_bits(b)));
 }
 DEV double vmax(double a, double b) {
-  if (a != a || b != b) return a + b;
+  if (is_nan(a) || is_nan(b)) return f64_from(DETAR_NAN_F64);
   return a > b ? a : (b > a ? b : f64_from(f64_bits(a) & f64_bits(b)));
 }
 
@@ -113,12 +120,6 @@ template <int S> struct Lane {
     const int bit = k * S * 8;
     if (bit < 64) p.lo |= v << (bit & 63); else p.hi |= v << (bit & 63);
   }
-  DEV static u64_t load_one(const char* base, u64_t i) {
-    return (u64_t) reinterpret_cast<const typename UInt<S>::type*>(base)[i];
-  }
-  DEV static void store_one(char* base, u64_t i, u64_t v) {
-    reinterpret_cast<typename UInt<S>::type*>(base)[i] = (typename UInt<S>::type)v;
-  }
 };
 // 16-byte elements (complex128) are a whole pack.
 template <> struct Lane<16> {
@@ -126,47 +127,46 @@ template <> struct Lane<16> {
   static const int K = 1;
   DEV static pack_t get(const pack_t& p, int) { return p; }
   DEV static void set(pack_t& p, int, pack_t v) { p = v; }
-  DEV static pack_t load_one(const char* base, u64_t i) {
-    return pack_load(reinterpret_cast<const pack_t*>(base) + i);
-  }
-  DEV static void store_one(char* base, u64_t i, pack_t v) {
-    pack_store(reinterpret_cast<pack_t*>(base) + i, v);
-  }
 };
 
 // Traits<T>: storage type T -> accumulator type A of the contract, and back.
 template <class T> struct Traits;
+// store() is where every NaN result becomes the canonical NaN of the output type.
 template <> struct Traits<half_t> {
   static const int S = 2; typedef float acc_t;
   DEV static float load(u64_t b) { return h2f((u16_t)b); }  // never subnormal as a float32
-  DEV static u64_t store(float a) { return f2h(a); }
+  DEV static u64_t store(float a) { return is_nan(a) ? DETAR_NAN_F16 : f2h(a); }
 };
 template <> struct Traits<bf16_t> {
   static const int S = 2; typedef float acc_t;
   DEV static float load(u64_t b) { return ftz(bf2f((u16_t)b)); }
-  DEV static u64_t store(float a) { return f2bf(a); }
+  DEV static u64_t store(float a) { return f2bf(a); }  // f2bf gives the canonical NaN
 };
 template <> struct Traits<float> {
   static const int S = 4; typedef float acc_t;
   DEV static float load(u64_t b) { return ftz(f32_from((u32_t)b)); }
-  DEV static u64_t store(float a) { return f32_bits(a); }
+  DEV static u64_t store(float a) { return f32_bits(canonical(a)); }
 };
 template <> struct Traits<double> {
   static const int S = 8; typedef double acc_t;
   DEV static double load(u64_t b) { return f64_from(b); }
-  DEV static u64_t store(double a) { return f64_bits(a); }
+  DEV static u64_t store(double a) { return f64_bits(canonical(a)); }
 };
 template <> struct Traits<cfloat_t> {
   static const int S = 8; typedef cfloat_t acc_t;
   DEV static cfloat_t load(u64_t b) {  // little endian: real part first
     cfloat_t c; c.re = ftz(f32_from((u32_t)b)); c.im = ftz(f32_from((u32_t)(b >> 32))); return c;
   }
-  DEV static u64_t store(cfloat_t a) { return (u64_t)f32_bits(a.re) | ((u64_t)f32_bits(a.im) << 32); }
+  DEV static u64_t store(cfloat_t a) {  // each component on its own, like numpy's complex NaNs
+    return (u64_t)f32_bits(canonical(a.re)) | ((u64_t)f32_bits(canonical(a.im)) << 32);
+  }
 };
 template <> struct Traits<cdouble_t> {
   static const int S = 16; typedef cdouble_t acc_t;
   DEV static cdouble_t load(pack_t b) { cdouble_t c; c.re = f64_from(b.lo); c.im = f64_from(b.hi); return c; }
-  DEV static pack_t store(cdouble_t a) { pack_t p; p.lo = f64_bits(a.re); p.hi = f64_bits(a.im); return p; }
+  DEV static pack_t store(cdouble_t a) {
+    pack_t p; p.lo = f64_bits(canonical(a.re)); p.hi = f64_bits(canonical(a.im)); return p;
+  }
 };
 // Integers accumulate in their own type; the casts from u64 bits keep the low S bytes.
 template <class T, int SZ> struct IntTraits {

@@ -136,7 +136,7 @@ template <class T, class Op> DEV void fold(const FoldArgs& a) {
     if (carry_in) {
       load_carry(f, a.carry, o);
     } else {
-      f.first(load_elems<S>(a.src, o * K, valid, al_src));
+      f.first(load_elems<S>(a.src, o * K, valid, al_src, a.count));
       q = 1;
     }
     while (q < a.slots) {  // the slots in rank order, FOLD_BATCH loads at a time
@@ -144,7 +144,8 @@ template <class T, class Op> DEV void fold(const FoldArgs& a) {
       pack_t v[FOLD_BATCH];
 #pragma unroll
       for (u32_t i = 0; i < FOLD_BATCH; ++i)
-        if (i < n) v[i] = load_elems<S>(a.src + (u64_t)(q + i) * a.src_stride, o * K, valid, al_src);
+        if (i < n)
+          v[i] = load_elems<S>(a.src + (u64_t)(q + i) * a.src_stride, o * K, valid, al_src, a.count);
 #pragma unroll
       for (u32_t i = 0; i < FOLD_BATCH; ++i)
         if (i < n) f.next(v[i]);
@@ -167,7 +168,7 @@ template <int S> DEV void copy_slots(const FoldArgs& a) {
   for (u64_t i = g0; i < total; i += G) {
     const u64_t q = i / P, o = i % P;
     const int valid = clamp_valid(a.count, o * K, K);
-    const pack_t v = load_elems<S>(a.src + q * a.src_stride, o * K, valid, al_src);
+    const pack_t v = load_elems<S>(a.src + q * a.src_stride, o * K, valid, al_src, a.count);
     store_elems<S>(a.dst + q * a.dst_stride, o * K, valid, al_dst, v);
   }
 }
@@ -181,7 +182,7 @@ DEV void header_stamp(const FoldArgs& a) {
   const u64_t epoch = *a.state + 1u;
   *a.state = epoch;
   CallHeader h;
-  h.epoch = epoch; h.sig = a.sig; h.zero = 0; h.count = a.count; h.aux = a.aux;
+  h.epoch = epoch; h.sig = a.sig; h.count = a.count; h.aux = a.aux;
   *reinterpret_cast<CallHeader*>(a.dst) = h;
 }
 
@@ -205,8 +206,9 @@ DEV void header_check(const FoldArgs& a) {
   Report* r = a.report;
   if (load_relaxed_sys(&r->word) != 0u) return;  // the first failure stays the one reported
   const CallHeader t = h[first];
-  r->epoch = (u32_t)mine.epoch; r->sig = mine.sig; r->peer_sig = t.sig;
-  r->count = mine.count; r->aux = mine.aux; r->peer_count = t.count; r->peer_aux = t.aux;
+  r->epoch = mine.epoch; r->sig = mine.sig; r->peer_sig = t.sig;
+  r->count = mine.count; r->aux = mine.aux; r->chunk = 0;
+  r->peer_count = t.count; r->peer_aux = t.aux; r->peer_chunk = 0;
   // The details reach host memory before the word that tells the host (and our later kernels)
   // to read them: a system-scope fence orders the stores as every observer sees them.
   __threadfence_system();
@@ -226,7 +228,10 @@ template <class T, class Op, int G> DEV void node_carry(const Ctx& c, const Fold
   typedef Folder<T, Op> F;
   const int S = Traits<T>::S, K = F::K;
   Call k;
-  k.epoch = call_epoch(c); k.sig = a.sig; k.count = a.count; k.aux = a.aux;
+  // The call was checked by the header exchange before any node step; this launch's signature
+  // and counts still travel in the node's headers and descriptors, as every IPC launch's do.
+  k.epoch = call_epoch(c); k.sig = a.sig; k.count = a.count; k.aux = a.aux; k.total = a.count;
+  k.chunk = 0;
   const bool failed = already_failed(c);  // block-uniform, like stopped()
   if (failed || stopped(a)) { finish_call(c, k.epoch); return; }
   const u64_t half = (k.epoch & 1u) * c.stage_half_packs;

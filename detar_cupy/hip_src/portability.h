@@ -11,6 +11,13 @@
 #endif
 
 #define DEV __device__ __forceinline__
+// Rarely taken paths (misaligned bytes, failure reports) are real calls: inlined, their code
+// would sit between the hot instructions and cost instruction fetches on every launch.
+#if defined(__HIP__) || defined(__HIPCC_RTC__) || defined(__HIP_PLATFORM_AMD__)
+#define COLD __device__ __attribute__((noinline))
+#else
+#define COLD __device__ __noinline__
+#endif
 
 typedef unsigned char u8_t;
 typedef unsigned short u16_t;
@@ -46,6 +53,79 @@ DEV u64_t f64_bits(double x) { return (u64_t)__double_as_longlong(x); }
 DEV double f64_from(u64_t u) { return __longlong_as_double((long long)u); }
 #endif
 
+// ---- float32 arithmetic of the contract -------------------------------------------------------
+// Each operation rounds to nearest even as IEEE 754 says, THEN a subnormal result is flushed to a
+// zero of the same sign (the contract's denormal policy, DESIGN.md section 1). The bits must not depend
+// on the compiler's denormal flags, which CuPy always adds (-ftz=true on CUDA,
+// -fcuda-flush-denormals-to-zero on HIP): a flushing multiply or divide tests tininess before
+// rounding, so an exact result in [FLT_MIN - 2^-150, FLT_MIN), which IEEE rounds UP to FLT_MIN,
+// comes out as 0 (0x3F7FFFFF * 0x00800000 gave 0 on an H200 with CuPy's flags). Inputs are
+// always normal, zero, inf or NaN (flushed on entry), so only results matter.
+DEV float f32_flush(float x) {
+  const u32_t u = f32_bits(x);
+  return (u & 0x7f800000u) ? x : f32_from(u & 0x80000000u);
+}
+#if DETAR_HIP
+// AMD: the flag makes every f32 instruction of the kernel flush, and no per-instruction override
+// exists. So products and quotients are formed in double, which keeps subnormals (the flag is
+// about f32 only): a*b of two floats is exact in double (24 + 24 <= 53 bits), and a/b rounded to
+// double then to float is the correctly rounded float quotient, since 53 >= 2*24 + 2 makes the
+// double rounding innocuous (Figueroa, "When is double rounding innocuous?", 1995). Then
+// f32_round_flush() rounds to float: results at or above FLT_MIN by the hardware conversion
+// (a normal result cannot be flushed), below it by hand: the exact value rounds to FLT_MIN iff
+// it is at least FLT_MIN - 2^-150 (the midpoint, which ties to FLT_MIN's even significand),
+// else to a subnormal, which the policy flushes to a signed zero.
+// Sums and differences need no detour: when the exact sum of two such inputs is below FLT_MIN it
+// is a multiple of 2^-149 below 2^-126, so exactly representable; the hardware then flushes it
+// to the same signed zero as f32_flush, and results at or above FLT_MIN are not flushed.
+DEV float f32_round_flush(double d) {
+  const u64_t u = f64_bits(d);
+  const double mag = f64_from(u & 0x7fffffffffffffffull);
+  if (mag < 0x1p-126) {
+    const u32_t sign = (u32_t)(u >> 32) & 0x80000000u;
+    return f32_from(sign | (mag >= 0x1.fffffep-127 ? 0x00800000u : 0u));
+  }
+  return (float)d;  // normal, inf or NaN: correctly rounded, nothing to flush
+}
+#if DETAR_WEAKEN_FTZ
+// Test-only: the flushing hardware instructions the static ISA checks must catch.
+DEV float f32_mul_flush(float a, float b) { return f32_flush(a * b); }
+DEV float f32_div_flush(float a, float b) { return f32_flush(a / b); }
+#else
+DEV float f32_mul_flush(float a, float b) { return f32_round_flush((double)a * (double)b); }
+DEV float f32_div_flush(float a, float b) { return f32_round_flush((double)a / (double)b); }
+#endif
+DEV float f32_add_flush(float a, float b) { return f32_flush(a + b); }
+DEV float f32_sub_flush(float a, float b) { return f32_flush(a - b); }
+#else
+// NVIDIA: PTX's .rn arithmetic without .ftz is IEEE round-to-nearest-even with subnormal
+// results (PTX ISA, "Floating Point Instructions": subnormals are supported unless .ftz is
+// given); inline PTX also keeps the compiler from contracting a*b+c into an FMA.
+#if DETAR_WEAKEN_FTZ
+#define DETAR_F32_FTZ ".ftz"  // test-only: the flushing variant the ISA checks must catch
+#else
+#define DETAR_F32_FTZ ""
+#endif
+#define DETAR_F32_OP(NAME, OP)                                                             \
+  DEV float NAME(float a, float b) {                                                       \
+    float r;                                                                               \
+    asm(OP ".rn" DETAR_F32_FTZ ".f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));             \
+    return f32_flush(r);                                                                   \
+  }
+DETAR_F32_OP(f32_add_flush, "add")
+DETAR_F32_OP(f32_sub_flush, "sub")
+DETAR_F32_OP(f32_mul_flush, "mul")
+DETAR_F32_OP(f32_div_flush, "div")
+#undef DETAR_F32_OP
+#endif
+
+// The one quiet NaN per type that every NaN result becomes (the contract: NaN results have one
+// canonical bit pattern, so NVIDIA, AMD and the numpy reference agree bit for bit).
+#define DETAR_NAN_F16 0x7e00u
+#define DETAR_NAN_BF16 0x7fc0u
+#define DETAR_NAN_F32 0x7fc00000u
+#define DETAR_NAN_F64 0x7ff8000000000000ull
+
 // ---- 16-bit float conversions ------------------------------------------------------------------
 // float16 -> float32 is exact; float32 -> float16 rounds to nearest even, producing float16
 // subnormals (no .ftz: the denormal policy is about float32 values only).
@@ -66,20 +146,21 @@ DEV u16_t f2h(float f) {
 #endif
 
 // bfloat16 is the top half of a float32; rounding to nearest even is done on the bits so it is
-// identical on every compiler. NaN is kept NaN (quiet bit set) instead of rounding into inf.
+// identical on every compiler. NaN becomes the canonical NaN instead of rounding into inf.
 DEV float bf2f(u16_t b) { return f32_from((u32_t)b << 16); }
 DEV u16_t f2bf(float f) {
   u32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16_t)((u >> 16) | 0x40u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16_t)DETAR_NAN_BF16;
   return (u16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 // ---- memory ordering -------------------------------------------------------------------------
-// Barrier flags: release store / acquire load at SYSTEM scope. The writer's data (its copy-in,
-// by every thread of its block) is ordered before the flag by __syncthreads() followed by the
-// release (release is cumulative over what the releasing thread has observed); the reader's
-// acquire followed by __syncthreads() orders every thread's later loads of peer data after it.
-// System rather than device scope because the reader is another GPU.
+// Barrier flags: 64-bit epochs, release store / acquire load at SYSTEM scope. The writer's data
+// (its pushes, by every thread of its block) is ordered before the flag by release_own_stores()
+// and __syncthreads() followed by the release (release is cumulative over what the releasing
+// thread has observed); the reader's acquire followed by __syncthreads() orders every thread's
+// later loads of peer data after it. System rather than device scope because the reader is
+// another GPU.
 #if DETAR_WEAKEN_FLAG_SCOPE
 // Test-only: a deliberately wrong variant the static ISA checks must catch.
 #if DETAR_HIP
@@ -102,16 +183,24 @@ DEV void flag_store_release(u64_t* p, u64_t v) {
 DEV u64_t flag_load_acquire(const u64_t* p) {
   return __hip_atomic_load(const_cast<u64_t*>(p), __ATOMIC_ACQUIRE, DETAR_FLAG_SCOPE);
 }
-DEV void flag_store_release32(u32_t* p, u32_t v) {
-  __hip_atomic_store(p, v, __ATOMIC_RELEASE, DETAR_FLAG_SCOPE);
-}
 // A flag that publishes nothing but itself (the LL kernel's start flag): no fence before it.
 DEV void flag_store_relaxed(u64_t* p, u64_t v) {
   __hip_atomic_store(p, v, __ATOMIC_RELAXED, DETAR_FLAG_SCOPE);
 }
-DEV u32_t flag_load_acquire32(const u32_t* p) {
-  return __hip_atomic_load(const_cast<u32_t*>(p), __ATOMIC_ACQUIRE, DETAR_FLAG_SCOPE);
-}
+// Every thread's own stores published at system scope, before the block barrier after which one
+// thread per peer releases the flag. On AMD the flag's release does not cover the other waves'
+// stores: LLVM's AMDGPU memory legalizer implements the workgroup-scope fence of
+// __syncthreads() without a vmcnt wait in non-tgsplit mode (a workgroup shares one CU and its
+// L1), so a wave's stores may still be in flight when the releasing wave's system-scope release
+// waits only for its own (AMDGPUUsage, "Memory Model GFX90A/GFX942": release fence, workgroup
+// scope, no s_waitcnt vmcnt(0) unless tgsplit; llvm-project PR 161638 discusses this gap). A
+// system-scope release fence in every thread waits for that thread's stores (s_waitcnt
+// vmcnt(0)) and writes back L2 (buffer_wbl2) before the barrier.
+#if DETAR_WEAKEN_WAVE_RELEASE
+DEV void release_own_stores() {}  // test-only: the missing wait the AMD ISA check must catch
+#else
+DEV void release_own_stores() { __builtin_amdgcn_fence(__ATOMIC_RELEASE, ""); }
+#endif
 // Polling our own error/state words written by other blocks of this kernel: relaxed, device.
 DEV u32_t load_relaxed_dev(const u32_t* p) {
   return __hip_atomic_load(const_cast<u32_t*>(p), __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
@@ -134,16 +223,8 @@ DEV u64_t flag_load_acquire(const u64_t* p) {
   asm volatile("ld.acquire." DETAR_FLAG_SCOPE ".global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
-DEV void flag_store_release32(u32_t* p, u32_t v) {
-  asm volatile("st.release." DETAR_FLAG_SCOPE ".global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 DEV void flag_store_relaxed(u64_t* p, u64_t v) {
   asm volatile("st.relaxed." DETAR_FLAG_SCOPE ".global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-DEV u32_t flag_load_acquire32(const u32_t* p) {
-  u32_t v;
-  asm volatile("ld.acquire." DETAR_FLAG_SCOPE ".global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
 }
 DEV u32_t load_relaxed_dev(const u32_t* p) {
   u32_t v;
@@ -158,23 +239,28 @@ DEV u32_t load_relaxed_sys(const u32_t* p) {
   asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+// NVIDIA: bar.sync is a morally strong CTA-scope synchronization, so every thread's earlier
+// stores happen before the releasing thread's st.release.sys, and the release is cumulative
+// over them (PTX ISA, "Memory Consistency Model": release patterns and causality order).
+DEV void release_own_stores() {}
 #endif
 
 // ---- LL lines ----------------------------------------------------------------------------------
 // An LL line is 16 bytes: {data0, flag, data1, flag}. Each aligned 8-byte half {data, flag} is
-// written and read as one piece, so a reader that sees the current epoch in a half also sees
-// that half's data: no fence is needed between data and flag.
+// written and read as ONE 64-bit element, so a reader that sees the current flag in a half also
+// sees that half's data: no fence is needed between data and flag.
 struct alignas(16) line_t {
   u32_t d0, f0, d1, f1;
 };
+DEV u64_t line_half(u32_t d, u32_t f) { return (u64_t)d | ((u64_t)f << 32); }
 
 #if DETAR_HIP
-// Two 8-byte relaxed atomics at system scope: AMD gives no single-copy atomicity guarantee for a
-// 16-byte access, but does for an aligned 8-byte atomic, which is all the protocol needs.
+// Two 8-byte relaxed atomics at system scope: single-copy atomic by the HIP/LLVM model, which
+// gives no such guarantee for a 16-byte access.
 DEV void line_store(line_t* p, line_t v) {
   u64_t* q = reinterpret_cast<u64_t*>(p);
-  __hip_atomic_store(q, (u64_t)v.d0 | ((u64_t)v.f0 << 32), __ATOMIC_RELAXED, DETAR_FLAG_SCOPE);
-  __hip_atomic_store(q + 1, (u64_t)v.d1 | ((u64_t)v.f1 << 32), __ATOMIC_RELAXED, DETAR_FLAG_SCOPE);
+  __hip_atomic_store(q, line_half(v.d0, v.f0), __ATOMIC_RELAXED, DETAR_FLAG_SCOPE);
+  __hip_atomic_store(q + 1, line_half(v.d1, v.f1), __ATOMIC_RELAXED, DETAR_FLAG_SCOPE);
 }
 DEV line_t line_load(const line_t* p) {
   u64_t* q = reinterpret_cast<u64_t*>(const_cast<line_t*>(p));
@@ -185,18 +271,36 @@ DEV line_t line_load(const line_t* p) {
   return v;
 }
 #else
-// volatile 16-byte access: each 8-byte half is single-copy atomic (the guarantee NCCL's LL
-// protocol rests on); volatile keeps the poll from being hoisted or cached in L1.
+// One 16-byte volatile access with two 64-bit elements: the PTX memory model makes each element
+// of a vector access a single-copy-atomic access of the element's size (PTX ISA, "Memory
+// Consistency Model", vector data types), so each {data, flag} half is atomic by the model
+// (with .v4.u32 elements only each 32-bit word would be). volatile keeps the poll from being
+// hoisted or served from L1.
+#if DETAR_WEAKEN_LL_LINES
+#define DETAR_LINE_VEC "v4.u32"  // test-only: 32-bit elements the PTX ISA check must catch
 DEV void line_store(line_t* p, line_t v) {
-  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.d0), "r"(v.f0),
-               "r"(v.d1), "r"(v.f1) : "memory");
+  asm volatile("st.volatile.global." DETAR_LINE_VEC " [%0], {%1, %2, %3, %4};" ::"l"(p),
+               "r"(v.d0), "r"(v.f0), "r"(v.d1), "r"(v.f1) : "memory");
 }
 DEV line_t line_load(const line_t* p) {
   line_t v;
-  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.volatile.global." DETAR_LINE_VEC " {%0, %1, %2, %3}, [%4];"
                : "=r"(v.d0), "=r"(v.f0), "=r"(v.d1), "=r"(v.f1) : "l"(p) : "memory");
   return v;
 }
+#else
+DEV void line_store(line_t* p, line_t v) {
+  asm volatile("st.volatile.global.v2.b64 [%0], {%1, %2};" ::"l"(p), "l"(line_half(v.d0, v.f0)),
+               "l"(line_half(v.d1, v.f1)) : "memory");
+}
+DEV line_t line_load(const line_t* p) {
+  u64_t a, b;
+  asm volatile("ld.volatile.global.v2.b64 {%0, %1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+  line_t v;
+  v.d0 = (u32_t)a; v.f0 = (u32_t)(a >> 32); v.d1 = (u32_t)b; v.f1 = (u32_t)(b >> 32);
+  return v;
+}
+#endif
 #endif
 
 // ---- clocks ------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ class Transport(Protocol):
     report: Any
     timeout: float
     geometry: Any
+    #: the driver's kernel launch entry (cuLaunchKernel's arguments), for the Communicator's own
+    #: launches beside the plans (coalescing)
+    launch_kernel: Any
 
     def plan(self, call: Call) -> Any:
         """Everything a call of this shape needs, made once (compiles kernels on first use)."""

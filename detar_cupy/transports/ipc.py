@@ -48,9 +48,12 @@ class IpcTransport:
         self._launcher = Launcher(self._ctx)
         #: The hot path: launch a plan's prepared launches (see :meth:`Launcher.run`).
         self.run = self._launcher.run
+        #: The driver's launch entry, for launches outside plans (coalescing).
+        self.launch_kernel = self._launcher.launch_kernel
         # Last, so that nothing after the allocations can fail (SharedBuffers releases what it
         # allocated if one of its own steps fails).
-        self._buffers = SharedBuffers(rendezvous, settings.staging_bytes, settings.ll_bytes)
+        self._buffers = SharedBuffers(rendezvous, settings.staging_bytes, settings.ll_bytes,
+                                      settings.first_epoch)
         self.report = self._buffers.report
         self._buffers.fill(self._ctx)
 
@@ -80,7 +83,7 @@ class IpcTransport:
         with self._device:
             return tuple(self._launcher.prepare(_kernels.function(l.module, l.kernel, dev).ptr,
                                                 l.grid, l.block, l.in_offset, l.out_offset,
-                                                l.count, l.aux, l.sig)
+                                                l.count, l.aux, l.sig, l.total, l.chunk)
                          for l in self.launches(call))
 
     def failure(self) -> Exception:

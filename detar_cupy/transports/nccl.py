@@ -110,6 +110,7 @@ class NcclTransport:
         self._members = node
         self._timeout = settings.timeout
         self._launch = _driver_launch()
+        self.launch_kernel = self._launch  # the Transport protocol's, for coalescing
         self._fold_grid = 4 * facts[self.rank].sm_count
         self._own: list[int] = []
         self._host_report = 0
@@ -426,7 +427,8 @@ class NcclTransport:
     def _mirror(self, src: Report) -> None:
         """Copy the node IPC transport's report into ours, naming the peer by global rank."""
         r = self.report
-        for field in ("epoch", "sig", "peer_sig", "count", "aux", "peer_count", "peer_aux"):
+        for field in ("epoch", "sig", "peer_sig", "count", "aux", "chunk", "peer_count",
+                      "peer_aux", "peer_chunk"):
             setattr(r, field, getattr(src, field))
         peer = self._members[(src.word >> 8) & 0xFF]
         r.word = (src.word & ~0xFF00) | (peer << 8)

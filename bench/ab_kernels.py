@@ -1,0 +1,140 @@
+"""Same-process A/B of two versions of the library's kernels: graph-replay time per all_reduce.
+
+    python bench/ab_kernels.py OLD_PACKAGE_DIR [--world 1|2] [--out FILE.json]
+
+OLD_PACKAGE_DIR holds an earlier version of the package renamed ``detar_old`` (``git archive
+<commit> detar_cupy`` with every ``detar_cupy`` replaced by ``detar_old``). Both versions build a
+communicator in the same process(es) and are timed interleaved, minimum over repeats of the mean
+time per replayed call (50 calls captured per graph), so drift of the machine between processes
+does not enter the comparison. World 1: one process, a copy kernel with the contract's
+conversions. World 2: two ranks spawned on the GPUs there are (DETAR_SHARE_GPUS=1 on one GPU:
+time slices dominate, so only large differences would show).
+
+Rows: fp16 and fp32 sum and prod at 1 KiB - 1 MiB with every algorithm; fp16 inputs that start
+one element into their buffer (``x[1:]``: the old kernels went element by element, the new ones
+use 16-byte loads but for the first and last packs) at 1 MiB and 64 MiB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+CALLS = 50
+REPEATS = 7
+LL_BYTES = 256 << 10  # both versions' default DETAR_LL_BYTES: the largest LL message
+
+
+def _world_one(package):
+    rdv = package._rendezvous.Rendezvous(0, 1, {})
+    return package.communicator.Communicator._from_rendezvous(rdv, 0)
+
+
+def _graph_us(cp, call, stream) -> float:
+    stream.begin_capture()
+    for _ in range(CALLS):
+        call()
+    graph = stream.end_capture()
+    graph.launch(stream)
+    stream.synchronize()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record(stream)
+    graph.launch(stream)
+    stop.record(stream)
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) * 1e3 / CALLS
+
+
+def _cases():
+    for name in ("float16", "float32"):
+        for op in ("sum", "prod"):
+            for nbytes in (1 << 10, 64 << 10, 1 << 20):
+                for alg in ("ll", "one_shot", "two_shot"):
+                    yield name, op, alg, nbytes, 0
+    for nbytes in (1 << 20, 64 << 20):
+        for alg in ("one_shot", "two_shot"):
+            yield "float16", "sum", alg, nbytes, 1
+
+
+def measure(comms: dict, sync) -> list[dict]:
+    """Rows {case, version: us} for every case, the versions timed alternately."""
+    import cupy as cp
+
+    stream = cp.cuda.Stream(non_blocking=True)
+    rows = []
+    for name, op, alg, nbytes, offset in _cases():
+        count = nbytes // cp.dtype(name).itemsize
+        buf = cp.random.default_rng(0).standard_normal(count + offset).astype(name)
+        x, out = buf[offset:], cp.empty(count + offset, name)[offset:]
+        row = {"dtype": name, "op": op, "algorithm": alg, "bytes": nbytes,
+               "offset_elements": offset}
+        times = {v: [] for v in comms}
+        for _ in range(REPEATS):
+            for version, comm in comms.items():
+                if alg == "ll" and nbytes > LL_BYTES:
+                    continue
+                sync()
+                times[version].append(_graph_us(
+                    cp, lambda: comm.all_reduce(x, out, op=op, stream=stream, algorithm=alg),
+                    stream))
+        for version, t in times.items():
+            row[version] = min(t) if t else None
+        rows.append(row)
+    return rows
+
+
+def _rank(comm, old_dir: str):
+    sys.path.insert(0, old_dir)
+    import detar_old
+
+    from gpu_reliability import free_ports  # noqa: F401  (tests dir on the path: a free port)
+
+    port = comm.exchange(free_ports(1)[0] if comm.rank == 0 else None)[0]
+    old = detar_old.init_process_group(comm.world_size, comm.rank, port=port,
+                                       device=comm.device.id, timeout=60)
+    try:
+        return measure({"old": old, "new": comm}, lambda: comm.exchange(None))
+    finally:
+        old.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("old_dir")
+    parser.add_argument("--world", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    started = time.time()
+    if args.world == 1:
+        sys.path.insert(0, args.old_dir)
+        import detar_old
+
+        import detar_cupy
+
+        comms = {"old": _world_one(detar_old), "new": _world_one(detar_cupy)}
+        rows = measure(comms, lambda: None)
+    else:
+        import detar_cupy
+
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        rows = detar_cupy.spawn(_rank, args.world, args=(os.path.abspath(args.old_dir),))[0]
+    print(f"{'dtype':8} {'op':5} {'algorithm':9} {'bytes':>9} {'off':>3} {'old us':>8} "
+          f"{'new us':>8} {'new/old':>7}")
+    for r in rows:
+        ratio = r["new"] / r["old"] if r.get("old") and r.get("new") else float("nan")
+        print(f"{r['dtype']:8} {r['op']:5} {r['algorithm']:9} {r['bytes']:9d} "
+              f"{r['offset_elements']:3d} {r['old'] or float('nan'):8.2f} "
+              f"{r['new'] or float('nan'):8.2f} {ratio:7.3f}")
+    print(f"geometric mean new/old over aligned rows: "
+          f"{statistics.geometric_mean([r['new'] / r['old'] for r in rows if r['old'] and r['new'] and not r['offset_elements']]):.3f}"
+          f" ({time.time() - started:.0f} s)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"world": args.world, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -340,9 +340,14 @@ def installed(world: World, monkeypatch: Any):
     nccl.NCCL_UINT8 = 1
     nccl.NcclError = NcclError
     nccl.available = True
-    nccl.get_unique_id = lambda: tuple(range(-64, 64))
+    # CuPy 14: the unique id is bytes, and NcclCommunicator takes nothing else (CuPy 13 used a
+    # tuple of ints both ways); the transport must hand on what get_unique_id gave
+    nccl.get_unique_id = lambda: bytes(range(128))
 
-    def make_comm(size: int, uid: tuple, rank: int) -> FakeComm:
+    def make_comm(size: int, uid: bytes, rank: int) -> FakeComm:
+        if not isinstance(uid, bytes):
+            raise TypeError(f"Argument 'commId' has incorrect type (expected bytes, got "
+                            f"{type(uid).__name__})")
         comm = comms[rank] = FakeComm(world, rank)
         FakeComm.local.comm = comm
         return comm

@@ -310,7 +310,9 @@ def compiled_block(comm: Any, seed: int) -> dict:
                  if first[i].tobytes() != second[i].tobytes()]
     missing = [op for op in DETAR_OPS if f"torch.ops.detar.{op}(" not in "".join(graphs)]
     return {"graphs": len(graphs), "missing ops": missing, "problems": problems,
-            "digest": digest(np.concatenate([o.reshape(-1).view(np.uint8) for o in first[1:]]))}
+            # what every rank holds alike (the reduce-scatter's part is this rank's own)
+            "digest": digest(np.concatenate([first[i].reshape(-1).view(np.uint8)
+                                             for i in (1, 3, 4)]))}
 
 
 def opcheck_rank(comm: Any) -> dict:

@@ -155,8 +155,10 @@ class NcclTransport:
                     self._events.append(runtime.eventCreateWithFlags(_EVENT_DISABLE_TIMING))
             self._free = collections.deque(zip(self._events[0::2], self._events[1::2]))
             self._pending: collections.deque = collections.deque()
+            # Handed on as get_unique_id gave it (the wire keeps bytes and tuples apart): CuPy 14
+            # gives and takes bytes, CuPy 13 a tuple of ints.
             uid = rendezvous.exchange(nccl.get_unique_id() if self.rank == 0 else None)[0]
-            self._nc = nccl.NcclCommunicator(self.world_size, tuple(uid), self.rank)
+            self._nc = nccl.NcclCommunicator(self.world_size, uid, self.rank)
             self._warm_up(cupy)
             rendezvous.barrier()
             self._watchdog = threading.Thread(target=self._watch, daemon=True,

@@ -162,13 +162,10 @@ class Communicator:
         raise self._failure
 
     def synchronize(self, stream: Any = None) -> None:
-        """Wait for this rank's work on ``stream`` (default: current), then :meth:`check`."""
-        if stream is None:
-            self._current_stream(self._device_id).synchronize()
-        elif hasattr(stream, "synchronize"):  # CuPy or torch stream
-            stream.synchronize()
-        else:  # a raw handle
-            self._cupy.cuda.ExternalStream(self._stream(stream)).synchronize()
+        """Wait for this rank's work on ``stream`` (default: current), then :meth:`check`. A
+        failed communicator raises as soon as the failure is known, without waiting for the
+        stream (whose work ends once the transport has torn its transfers down)."""
+        self._transport.wait(self._stream(stream))
         self.check()
 
     def barrier(self) -> None:

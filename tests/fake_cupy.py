@@ -154,8 +154,12 @@ class FakeComm:
             return [posts[i] for i in range(size)] if len(posts) == size else None
         return w.wait_for(self.rank, ready)
 
+    #: set by a test: what NCCL's asynchronous error query raises from then on
+    async_error: str | None = None
+
     def check_async_error(self) -> None:
-        pass
+        if self.async_error is not None:
+            raise NcclError(self.async_error)
 
     def abort(self) -> None:
         with self.world.cond:

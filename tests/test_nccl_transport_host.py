@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 import fake_cupy as F
 from detar_cupy import reference
+from detar_cupy._protocol import AT_HEADER, ERR_MISMATCH
 from detar_cupy.dtypes import numpy_dtype
 from detar_cupy.errors import MismatchError, PeerTimeoutError
 
@@ -247,3 +249,72 @@ def _captured(comm: Any, memory: F.Memory) -> dict:
 def test_captured_calls_are_not_tracked(monkeypatch) -> None:
     (res,) = run_ranks(1, _captured, monkeypatch)
     assert res == {"events": 0, "exact": True}
+
+
+def _stalled_synchronize(comm: Any, memory: F.Memory) -> dict:
+    """A call whose end never comes: synchronize() must raise once the watchdog has given up,
+    not wait for the stream (which, on a GPU, drains only when NCCL's abort has finished)."""
+    x = _values(0, 64, "float32", 5)
+    src = _buffer(memory, x)
+    comm.all_reduce_buffers(src, src, 64, "float32", "sum", 0, "one_shot")
+    comm.synchronize()
+    comm.timeout = 0.2
+    F.stall_events(1)  # the call's start event completes; nothing recorded later ever does
+    comm.all_reduce_buffers(src, src, 64, "float32", "sum", 0, "one_shot")
+    error, start = None, time.monotonic()
+    try:
+        comm.synchronize()
+    except Exception as exc:
+        error = exc
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
+def test_synchronize_raises_a_stall_without_waiting_for_the_stream(monkeypatch) -> None:
+    (res,) = run_ranks(1, _stalled_synchronize, monkeypatch)
+    assert isinstance(res["error"], PeerTimeoutError), res
+    assert res["seconds"] < 2.0, res
+
+
+def _nccl_error_then(report_mismatch: bool) -> Callable[[Any, F.Memory], dict]:
+    def body(comm: Any, memory: F.Memory) -> dict:
+        """NCCL reports an error first (a mismatched call's transfer, seen by its proxy before
+        the GPU ran our header check); the check's report, if it comes within the grace, is
+        what the rank raises. The error names no call that had completed."""
+        x = _values(0, 64, "float32", 6)
+        src = _buffer(memory, x)
+        transport = comm._transport
+        transport._nc.async_error = "remote error: message truncated"
+        comm.all_reduce_buffers(src, src, 64, "float32", "sum", 0, "one_shot")  # completes
+        threading.Event().wait(0.2)  # several watchdog periods, within the grace
+        early = None
+        try:
+            comm.check()
+        except Exception as exc:
+            early = exc
+        if report_mismatch:  # what the header check kernel writes
+            r = transport.report
+            r.sig, r.peer_sig, r.count, r.peer_count = 1 << 61, 1 << 61, 64, 65
+            r.word = ERR_MISMATCH | (AT_HEADER << 16)
+        error = None
+        for _ in range(100):
+            try:
+                comm.check()
+            except Exception as exc:
+                error = exc
+                break
+            threading.Event().wait(0.02)
+        return {"early": early, "error": error}
+    return body
+
+
+def test_an_nccl_error_waits_for_the_header_check(monkeypatch) -> None:
+    (res,) = run_ranks(1, _nccl_error_then(True), monkeypatch)
+    assert res["early"] is None, res
+    assert isinstance(res["error"], MismatchError), res
+
+
+def test_an_nccl_error_alone_is_a_peer_timeout_naming_no_finished_call(monkeypatch) -> None:
+    (res,) = run_ranks(1, _nccl_error_then(False), monkeypatch)
+    err = res["error"]
+    assert isinstance(err, PeerTimeoutError) and "message truncated" in str(err), err
+    assert "call #1" not in str(err), str(err)

@@ -70,6 +70,11 @@ class Transport(Protocol):
     def run(self, plan: Any, stream: int, in_ptr: int, out_ptr: int) -> None:
         """Enqueue ``plan`` on ``stream`` for the given buffers, asynchronously."""
 
+    def wait(self, stream: int) -> None:
+        """Block until the work on ``stream`` has finished or this transport has failed (its
+        report's word is nonzero), whichever comes first: never longer than about the timeout
+        after a peer stops."""
+
     def failure(self) -> Exception:
         """The error that ``report`` describes (called once its word is nonzero)."""
 

@@ -86,6 +86,13 @@ class IpcTransport:
                                                 l.count, l.aux, l.sig, l.total, l.chunk)
                          for l in self.launches(call))
 
+    def wait(self, stream: int) -> None:
+        """Block until the work on ``stream`` has finished: the kernels bound every wait for a
+        peer themselves, so a plain stream synchronisation is bounded too."""
+        from cupy.cuda import runtime
+
+        runtime.streamSynchronize(stream)
+
     def failure(self) -> Exception:
         """The error the kernels reported."""
         return decode_error(self.report, self._rank, self.timeout)

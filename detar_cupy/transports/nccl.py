@@ -26,7 +26,10 @@ aborts the NCCL communicator when
 
 so the survivors' streams drain and they raise PeerTimeoutError within about the timeout
 (naming the peer when its process is seen dead on this host; NCCL does not say which peer it
-lost). Under graph capture no events are recorded: mismatches and NCCL's asynchronous errors are
+lost). ``synchronize()`` raises as soon as the failure is recorded, without waiting for NCCL's
+abort to drain the stream. An NCCL error waits briefly (``_HEADER_GRACE_S``) for the header
+check, which may run after NCCL's proxy has already seen a mismatched transfer fail, so that a
+mismatch is raised as a MismatchError. Under graph capture no events are recorded: mismatches and NCCL's asynchronous errors are
 still detected during replay, a peer that hangs without breaking its connection is not.
 """
 from __future__ import annotations
@@ -55,6 +58,11 @@ from .ipc import IpcTransport
 _EVENT_PAIRS = 64  # eager calls tracked at once; later ones go untracked until one completes
 _POLL_S = 0.02  # the watchdog's period
 _ABORT_WAIT_S = 1.0  # how long the watchdog waits for an enqueue in progress before aborting
+#: How long an NCCL error may wait for our header check to report first: NCCL's proxy moves the
+#: bytes of a transfer as soon as it is enqueued, so the transfers of a mismatched call can fail
+#: (a truncated message) before the GPU has run the check kernel queued ahead of them.
+_HEADER_GRACE_S = 0.5
+_WAIT_POLL_S = 50e-6  # wait(): the period of the poll of the stream and the report
 _EVENT_DISABLE_TIMING = 0x2
 _HOST_ALLOC_PORTABLE_MAPPED = 0x1 | 0x2
 _CHECK_THREADS = 256
@@ -124,6 +132,8 @@ class NcclTransport:
         self._watchdog: threading.Thread | None = None
         self._capture_query = not runtime.is_hip  # CuPy has no stream capture on ROCm
         self._calls = 0  # eager calls enqueued: the number a stalled one is reported under
+        self._nccl_error_since: float | None = None  # when NCCL first reported an error
+        self._waits = threading.local()  # wait()'s event, one per calling thread
         try:
             stage = S.stage_bytes(settings.staging_bytes, self.world_size)
             self._stage = self._alloc(stage)
@@ -256,6 +266,22 @@ class NcclTransport:
                 if pair is not None:
                     self._rt.eventRecord(pair[1], stream)
                     self._pending.append([pair, plan, self._calls, None])
+
+    def wait(self, stream: int) -> None:
+        """Block until the work on ``stream`` has finished, or until this transport has failed:
+        a stalled NCCL transfer holds the stream until the watchdog's abort has drained it,
+        which can take NCCL seconds, and the caller learns of the failure without that wait."""
+        rt = self._rt
+        event = getattr(self._waits, "event", None)
+        if event is None:
+            event = self._waits.event = rt.eventCreateWithFlags(_EVENT_DISABLE_TIMING)
+            with self._lock:
+                self._events.append(event)  # destroyed by close()
+        rt.eventRecord(event, stream)
+        while rt.eventQuery(event) != 0:
+            if self.report.word:
+                return
+            time.sleep(_WAIT_POLL_S)
 
     def failure(self) -> Exception:
         """The error in the report: decoded like the IPC transport's, except a stalled or broken
@@ -405,26 +431,37 @@ class NcclTransport:
         if self.report.word:
             self._abort()
             return
+        self._retire()  # before anything is blamed on the oldest call still pending
+        now = time.monotonic()
         try:
             self._nc.check_async_error()
         except self._nccl.NcclError as exc:
+            # A mismatched call's transfers may fail before its header check has reported:
+            # give the check a moment, so that every rank raises the mismatch, not its symptom.
+            if self._nccl_error_since is None:
+                self._nccl_error_since = now
+            if now - self._nccl_error_since < min(_HEADER_GRACE_S, self._timeout):
+                return
             oldest = self._pending[0] if self._pending else None
             self._fail(f"NCCL reported {exc}", None if oldest is None else (oldest[1], oldest[2]))
             return
-        now = time.monotonic()
-        while self._pending:
+        if self._pending:
             record = self._pending[0]
             (start, end), plan, number, seen = record
-            if self._rt.eventQuery(end) == 0:
-                self._pending.popleft()
-                self._free.append((start, end))
-                continue
             if seen is None:
                 if self._rt.eventQuery(start) == 0:
                     record[3] = now  # running (on the GPU) since about now
             elif now - seen > self._timeout:
                 self._fail(f"it ran on the GPU for more than {self._timeout:g} s", (plan, number))
-            break
+
+    def _retire(self) -> None:
+        """Drop the records of the calls that have finished (oldest first), freeing their events."""
+        while self._pending:
+            (start, end), *_ = self._pending[0]
+            if self._rt.eventQuery(end) != 0:
+                return
+            self._pending.popleft()
+            self._free.append((start, end))
 
     def _mirror(self, src: Report) -> None:
         """Copy the node IPC transport's report into ours, naming the peer by global rank."""

@@ -2,11 +2,14 @@
 per SEGMENTS buffers), all-reduce it once, scatter the result back. Eager small calls are bound by
 the driver's launch cost (about 4.5 us each from Python), so 64 gradients cost three launches
 instead of 64. Each element's fold is the same as in a call of its own, so are the bits.
+
+The tables of a shape (sizes and offsets of its buffers) are filled once, by :meth:`Coalescer.
+prepare`; a call writes only the buffers' addresses into them.
 """
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from . import _kernels
 from ._protocol import SEGMENTS, THREADS, Segments
@@ -22,6 +25,18 @@ def layout(nbytes: Sequence[int]) -> tuple[tuple[int, ...], int]:
     return tuple(offsets), at
 
 
+class Shape(NamedTuple):
+    """One coalesced shape made ready: a table per SEGMENTS buffers with their sizes and offsets
+    filled, each table's launch parameters and grid, and the contiguous buffer's size."""
+
+    tables: tuple[Segments, ...]
+    params: tuple[Any, ...]  # per table: the kernel's parameter-pointer array
+    grids: tuple[int, ...]
+    spans: tuple[tuple[int, int], ...]  # per table: the buffers [lo, hi) it moves
+    total: int  # bytes of the contiguous buffer
+    buf: ctypes.c_uint64  # its address, rewritten per call (shared by the tables' parameters)
+
+
 class Coalescer:
     """The gather/scatter launches of one communicator (its GPU, its world size's module)."""
 
@@ -34,35 +49,41 @@ class Coalescer:
         self._name = _kernels.segments_name(n)
         self._launch = launch_kernel
         self._f = 0  # the kernel handle, loaded at first use
-        self._table = Segments()
-        self._buf = ctypes.c_uint64(0)
-        self._params = (ctypes.c_void_p * 2)(ctypes.addressof(self._table),
-                                             ctypes.addressof(self._buf))
 
-    def _move(self, gather: bool, ptrs: Sequence[int], nbytes: Sequence[int],
-              offsets: Sequence[int], buf: int, stream: int) -> None:
+    def prepare(self, nbytes: Sequence[int]) -> Shape:
+        """The tables of buffers of ``nbytes`` bytes each (made once per shape)."""
+        offsets, total = layout(nbytes)
+        buf = ctypes.c_uint64(0)
+        tables, params, grids, spans = [], [], [], []
+        for lo in range(0, len(nbytes), SEGMENTS):
+            hi = min(lo + SEGMENTS, len(nbytes))
+            t = Segments()
+            t.n = hi - lo
+            t.bytes[:hi - lo] = nbytes[lo:hi]
+            t.off[:hi - lo] = offsets[lo:hi]
+            end = offsets[hi - 1] + nbytes[hi - 1] - offsets[lo]
+            tables.append(t)
+            params.append((ctypes.c_void_p * 2)(ctypes.addressof(t), ctypes.addressof(buf)))
+            grids.append(max(1, min(_kernels.MAX_BLOCKS, -(-end // (16 * THREADS)))))
+            spans.append((lo, hi))
+        return Shape(tuple(tables), tuple(params), tuple(grids), tuple(spans), total, buf)
+
+    def run(self, shape: Shape, ptrs: Sequence[int], buf: int, stream: int,
+            reduce: Callable[[], None]) -> None:
+        """Gather the buffers at ``ptrs`` into ``buf`` (``shape.total`` bytes), ``reduce()`` it in
+        place, scatter back; all on ``stream``. The driver copies the parameters at each launch,
+        so the tables may be rewritten as soon as a launch returns."""
         if not self._f:
             self._f = _kernels.function(self._key, self._name, self._device.id).ptr
-        t = self._table
-        t.gather = int(gather)
-        self._buf.value = buf
-        for lo in range(0, len(ptrs), SEGMENTS):
-            hi = min(lo + SEGMENTS, len(ptrs))
-            n = hi - lo
-            t.n = n
-            t.ptr[:n] = ptrs[lo:hi]
-            t.bytes[:n] = nbytes[lo:hi]
-            t.off[:n] = offsets[lo:hi]
-            end = offsets[hi - 1] + nbytes[hi - 1] - offsets[lo]
-            grid = max(1, min(_kernels.MAX_BLOCKS, -(-end // (16 * THREADS))))
-            # The driver copies the parameters at launch: the table may be refilled at once.
-            self._launch(self._f, grid, 1, 1, THREADS, 1, 1, 0, stream,
-                         ctypes.addressof(self._params), 0)
-
-    def run(self, ptrs: Sequence[int], nbytes: Sequence[int], offsets: Sequence[int], buf: int,
-            stream: int, reduce: Callable[[], None]) -> None:
-        """Gather into ``buf`` (laid out by :func:`layout`), ``reduce()`` it in place, scatter
-        back; all on ``stream``."""
-        self._move(True, ptrs, nbytes, offsets, buf, stream)
+        shape.buf.value = buf
+        for t, (lo, hi) in zip(shape.tables, shape.spans):
+            t.ptr[:hi - lo] = ptrs[lo:hi]
+        self._move(shape, 1, stream)
         reduce()
-        self._move(False, ptrs, nbytes, offsets, buf, stream)
+        self._move(shape, 0, stream)
+
+    def _move(self, shape: Shape, gather: int, stream: int) -> None:
+        launch, f = self._launch, self._f
+        for t, p, grid in zip(shape.tables, shape.params, shape.grids):
+            t.gather = gather
+            launch(f, grid, 1, 1, THREADS, 1, 1, 0, stream, ctypes.addressof(p), 0)

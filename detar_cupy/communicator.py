@@ -96,7 +96,8 @@ class Communicator:
             # With this rank's device id: no cudaGetDevice per call, never another GPU's stream.
             self._current_stream = cupy.cuda.get_current_stream
             self._plans: dict[tuple, tuple] = {}
-            self._coalesced: dict[tuple, tuple] = {}  # (dtype, op, counts) -> buffer layout
+            # (dtype, op, counts) -> (the coalescing tables of that shape, element size)
+            self._coalesced: dict[tuple, tuple] = {}
             self._failure: Exception | None = None
             self._busy = False  # a launch is in progress (see _launch)
             self._coalescer = _coalesce.Coalescer(self.device, self.world_size,
@@ -455,23 +456,24 @@ class Communicator:
         if self._stopped or self._report.word:
             self._refuse("all_reduce_coalesced")
         key = (dtype, op, tuple(counts))
-        shape = self._coalesced.get(key)
-        if shape is None:
+        cached = self._coalesced.get(key)
+        if cached is None:
             itemsize = lookup(dtype, op).itemsize
-            nbytes = tuple(c * itemsize for c in counts)
             if len(self._coalesced) >= PLAN_CACHE:
                 del self._coalesced[next(iter(self._coalesced))]
-            shape = self._coalesced[key] = (nbytes, *_coalesce.layout(nbytes), itemsize)
-        nbytes, offsets, total, itemsize = shape
+            cached = self._coalesced[key] = (
+                self._coalescer.prepare([c * itemsize for c in counts]), itemsize)
+        shape, itemsize = cached
         handle = self._stream(stream)
         cp = self._cupy
         # from CuPy's pool, allocated while the call's stream is current: reused only in that
         # stream's order, after the launches that use it
         with self.device, cp.cuda.ExternalStream(handle):
-            buf = cp.cuda.alloc(max(total, 16))
-        self._coalescer.run(ptrs, nbytes, offsets, buf.ptr, handle,
-                            lambda: self.all_reduce_buffers(buf.ptr, buf.ptr, total // itemsize,
-                                                            dtype, op, handle))
+            buf = cp.cuda.alloc(max(shape.total, 16))
+        self._coalescer.run(shape, ptrs, buf.ptr, handle,
+                            lambda: self.all_reduce_buffers(buf.ptr, buf.ptr,
+                                                            shape.total // itemsize, dtype, op,
+                                                            handle))
 
     def reduce_scatter_buffers(self, in_ptr: int, out_ptr: int, count: int, dtype: str,
                                op: str = "sum", stream: Any = None) -> None:

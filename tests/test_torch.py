@@ -347,3 +347,28 @@ def test_what_the_adapter_and_from_process_group_refuse(gloo_reports: dict) -> N
         assert kind == "ValueError" and text.startswith(
             "the model's process group has 4 ranks but the DetarGroup has 2"), text
         assert out["ddp hook registered"] == [("DDPHookState", "sum", "ddp_comm_hook")]
+
+
+def test_coalesced_tensors_reach_the_communicator_in_order_per_dtype() -> None:
+    """The one-dtype path (comprehensions) and the mixed path (one call per dtype) hand the
+    communicator every tensor's address and count, in order. CPU tensors stand in for the GPU's
+    (a group whose device index is -1, the index torch gives CPU tensors)."""
+    comm = RecordingComm(world_size=2)
+    g = dct.DetarGroup(comm)
+    try:
+        g._index = -1
+        one = [torch.zeros(n, dtype=torch.bfloat16) for n in (3, 256, 1)]
+        g.all_reduce_coalesced(one, "avg", stream=7)
+        mixed = [torch.zeros(5, dtype=torch.float32), torch.zeros(2, dtype=torch.float16),
+                 torch.zeros(9, dtype=torch.float32)]
+        g.all_reduce_coalesced(mixed, stream=7)
+        g.all_reduce_coalesced([], stream=7)
+    finally:
+        g.close()
+    assert comm.calls == [
+        ("all_reduce_coalesced_buffers",
+         ([t.data_ptr() for t in one], [3, 256, 1], "bfloat16", "avg", 7)),
+        ("all_reduce_coalesced_buffers",
+         ([mixed[0].data_ptr(), mixed[2].data_ptr()], [5, 9], "float32", "sum", 7)),
+        ("all_reduce_coalesced_buffers", ([mixed[1].data_ptr()], [2], "float16", "sum", 7)),
+    ]

@@ -249,7 +249,22 @@ class DetarGroup:
                                      self._resolve(stream))
 
     def _all_reduce_coalesced(self, tensors: Sequence[Tensor], op: str, stream: Any) -> None:
-        # Every tensor is checked before anything is enqueued.
+        # Every tensor is checked before anything is enqueued. The common case (dense tensors on
+        # this GPU, one dtype) in comprehensions, which cost a third of a loop per tensor; any
+        # other goes through the checks one tensor at a time, which say what is wrong.
+        index = self._index
+        try:
+            usable = all([t.get_device() == index and t.is_contiguous() and not t.requires_grad
+                          for t in tensors])
+            dtypes = {t.dtype for t in tensors}
+        except Exception:  # not a tensor: the checks below explain
+            usable, dtypes = False, set()
+        name = REDUCIBLE.get(next(iter(dtypes))) if usable and len(dtypes) == 1 else None
+        if name is not None:
+            self._comm.all_reduce_coalesced_buffers([t.data_ptr() for t in tensors],
+                                                    [t.numel() for t in tensors], name, op,
+                                                    self._resolve(stream))
+            return
         by_dtype: dict[str, tuple[list[int], list[int]]] = {}
         for i, t in enumerate(tensors):
             ptrs, counts = by_dtype.setdefault(self._reducible(t, f"tensors[{i}]"), ([], []))

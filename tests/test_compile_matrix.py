@@ -254,13 +254,19 @@ def full_codegen(key: K.ModuleKey, arch: str) -> bool:
     return key.world_size == 0 or key.world_size in full_world_sizes(arch)
 
 
+def cubin_sample() -> tuple[tuple[str | None, int, str], ...]:
+    """The modules of the cubin and legacy-NVRTC jobs: the IPC modules at CUBIN_WORLD and the
+    NCCL transport's folds (any world size); their node carry kernels add no inline asm."""
+    return tuple((k.dtype, k.world_size, k.family) for k in K.module_keys()
+                 if (k.family, k.world_size) in (("ipc", CUBIN_WORLD), ("nccl", 0)))
+
+
 def build_jobs(targets) -> list[Job]:
     batch = int(os.environ.get("DETAR_MATRIX_BATCH", "6"))
     allkeys = [(k.dtype, k.world_size, k.family) for k in K.module_keys()]
     # the IPC modules at one world size and the NCCL transport's folds (any world size) hold
     # every inline-asm site; its node carry kernels add none of their own
-    cubin_keys = tuple((k.dtype, k.world_size, k.family) for k in K.module_keys()
-                       if (k.family, k.world_size) in (("ipc", CUBIN_WORLD), ("nccl", 0)))
+    cubin_keys = cubin_sample()
     jobs = []
     for platform, arch in targets:
         if not _availability(arch):
@@ -533,8 +539,7 @@ def test_matrix_legacy_nvrtc(matrix):
     rs = matrix.of("sm_90", mode="legacy")
     assert rs, "no legacy NVRTC job ran"
     _fail_on_errors(rs)
-    assert sum(r.modules for r in rs) == len([k for k in K.module_keys()
-                                              if k.world_size == CUBIN_WORLD])
+    assert sum(r.modules for r in rs) == len(cubin_sample())
     bad = [r for r in rs if r.bad]
     assert not bad, f"ISA check failures with NVRTC 12.0:\n{_violations(bad)}"
 

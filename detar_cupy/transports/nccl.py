@@ -62,7 +62,8 @@ _ABORT_WAIT_S = 1.0  # how long the watchdog waits for an enqueue in progress be
 #: bytes of a transfer as soon as it is enqueued, so the transfers of a mismatched call can fail
 #: (a truncated message) before the GPU has run the check kernel queued ahead of them.
 _HEADER_GRACE_S = 0.5
-_WAIT_POLL_S = 50e-6  # wait(): the period of the poll of the stream and the report
+_WAIT_SPIN_S = 200e-6  # wait(): how long it polls the stream and the report back to back,
+_WAIT_POLL_S = 50e-6  # then the period of the poll (a sleep at least this long)
 _EVENT_DISABLE_TIMING = 0x2
 _HOST_ALLOC_PORTABLE_MAPPED = 0x1 | 0x2
 _CHECK_THREADS = 256
@@ -278,10 +279,12 @@ class NcclTransport:
             with self._lock:
                 self._events.append(event)  # destroyed by close()
         rt.eventRecord(event, stream)
+        spin_until = time.perf_counter() + _WAIT_SPIN_S  # short calls end within the spin
         while rt.eventQuery(event) != 0:
             if self.report.word:
                 return
-            time.sleep(_WAIT_POLL_S)
+            if time.perf_counter() > spin_until:
+                time.sleep(_WAIT_POLL_S)
 
     def failure(self) -> Exception:
         """The error in the report: decoded like the IPC transport's, except a stalled or broken

@@ -9,9 +9,9 @@ prepare`; a call writes only the buffers' addresses into them.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
-from . import _kernels
+from . import _kernels, _launch
 from ._protocol import SEGMENTS, THREADS, Segments
 
 
@@ -26,13 +26,13 @@ def layout(nbytes: Sequence[int]) -> tuple[tuple[int, ...], int]:
 
 
 class Shape(NamedTuple):
-    """One coalesced shape made ready: a table per SEGMENTS buffers with their sizes and offsets
-    filled, each table's launch parameters and grid, and the contiguous buffer's size."""
+    """One coalesced shape made ready: a table per SEGMENTS buffers (table i moves buffers
+    i*SEGMENTS .. i*SEGMENTS + n - 1) with their sizes and offsets filled, each table's launch
+    parameters and grid, and the contiguous buffer's size."""
 
     tables: tuple[Segments, ...]
     params: tuple[Any, ...]  # per table: the kernel's parameter-pointer array
     grids: tuple[int, ...]
-    spans: tuple[tuple[int, int], ...]  # per table: the buffers [lo, hi) it moves
     total: int  # bytes of the contiguous buffer
     buf: ctypes.c_uint64  # its address, rewritten per call (shared by the tables' parameters)
 
@@ -40,21 +40,21 @@ class Shape(NamedTuple):
 class Coalescer:
     """The gather/scatter launches of one communicator (its GPU, its world size's module)."""
 
-    def __init__(self, device: Any, world_size: int, launch_kernel: Callable[..., Any]) -> None:
+    def __init__(self, device: Any, world_size: int) -> None:
         self._device = device
         # The segments kernel is the same in every data movers' module; a world larger than the
         # IPC kernels serve (the NCCL transport's) takes the largest module's.
         n = min(world_size, _kernels.MAX_WORLD)
         self._key = _kernels.ModuleKey(None, n)
         self._name = _kernels.segments_name(n)
-        self._launch = launch_kernel
-        self._f = 0  # the kernel handle, loaded at first use
+        self._launch: Any = None  # the driver's launch entry and the kernel handle, at first use
+        self._f = 0
 
     def prepare(self, nbytes: Sequence[int]) -> Shape:
         """The tables of buffers of ``nbytes`` bytes each (made once per shape)."""
         offsets, total = layout(nbytes)
         buf = ctypes.c_uint64(0)
-        tables, params, grids, spans = [], [], [], []
+        tables, params, grids = [], [], []
         for lo in range(0, len(nbytes), SEGMENTS):
             hi = min(lo + SEGMENTS, len(nbytes))
             t = Segments()
@@ -65,21 +65,22 @@ class Coalescer:
             tables.append(t)
             params.append((ctypes.c_void_p * 2)(ctypes.addressof(t), ctypes.addressof(buf)))
             grids.append(max(1, min(_kernels.MAX_BLOCKS, -(-end // (16 * THREADS)))))
-            spans.append((lo, hi))
-        return Shape(tuple(tables), tuple(params), tuple(grids), tuple(spans), total, buf)
+        return Shape(tuple(tables), tuple(params), tuple(grids), total, buf)
 
-    def run(self, shape: Shape, ptrs: Sequence[int], buf: int, stream: int,
-            reduce: Callable[[], None]) -> None:
-        """Gather the buffers at ``ptrs`` into ``buf`` (``shape.total`` bytes), ``reduce()`` it in
-        place, scatter back; all on ``stream``. The driver copies the parameters at each launch,
-        so the tables may be rewritten as soon as a launch returns."""
+    def gather(self, shape: Shape, ptrs: Sequence[int], buf: int, stream: int) -> None:
+        """Copy the buffers at ``ptrs`` into ``buf`` (``shape.total`` bytes) on ``stream``. The
+        driver copies the parameters at each launch, so the tables may be rewritten as soon as
+        a launch returns."""
         if not self._f:
+            self._launch = _launch._driver_launch()
             self._f = _kernels.function(self._key, self._name, self._device.id).ptr
         shape.buf.value = buf
-        for t, (lo, hi) in zip(shape.tables, shape.spans):
-            t.ptr[:hi - lo] = ptrs[lo:hi]
+        for i, t in enumerate(shape.tables):
+            t.ptr[:t.n] = ptrs[i * SEGMENTS:i * SEGMENTS + t.n]
         self._move(shape, 1, stream)
-        reduce()
+
+    def scatter(self, shape: Shape, stream: int) -> None:
+        """Copy ``buf`` back to the buffers of the last :meth:`gather` of ``shape``."""
         self._move(shape, 0, stream)
 
     def _move(self, shape: Shape, gather: int, stream: int) -> None:

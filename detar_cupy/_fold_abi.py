@@ -18,10 +18,6 @@ from . import _protocol
 FOLD_CARRY_IN = 1
 FOLD_CARRY_OUT = 2
 
-#: Report sites of the NCCL transport (defined with the others in _protocol): the call header
-#: exchange (mismatches), an NCCL transfer that did not complete (watchdog).
-AT_HEADER, AT_TRANSFER = _protocol.AT_HEADER, _protocol.AT_TRANSFER
-
 #: The report word's peer byte when no peer can be named.
 PEER_UNKNOWN = 0xFF
 
@@ -93,8 +89,7 @@ def _struct(name: str, cls: type[ctypes.Structure], ctypes_of: dict[str, str]) -
 def c_source() -> str:
     """The C++ definitions of this module, for the kernel source (after ``collectives.hip``,
     whose ``Report`` the parameter block points to)."""
-    consts = [("DETAR_FOLD_CARRY_IN", FOLD_CARRY_IN), ("DETAR_FOLD_CARRY_OUT", FOLD_CARRY_OUT),
-              ("DETAR_AT_HEADER", AT_HEADER)]
+    consts = [("DETAR_FOLD_CARRY_IN", FOLD_CARRY_IN), ("DETAR_FOLD_CARRY_OUT", FOLD_CARRY_OUT)]
     return "\n".join(
         ["// ---- rendered from detar_cupy/_fold_abi.py: do not edit here ----"]
         + [f"#define {name} {value}u" for name, value in consts]

@@ -19,7 +19,7 @@ L1 instead). Peers' staging and signal buffers are opened once and closed by
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -34,22 +34,25 @@ _HIP_DEVICE_MALLOC_UNCACHED = 0x3
 _warned_fine_grained = False
 
 
-def _hip_library() -> Any:
+@functools.lru_cache(maxsize=None)
+def _hip_ext_malloc() -> Any:
+    """hipExtMallocWithFlags through ctypes (CuPy has no binding), loaded and typed once."""
     for name in ("libamdhip64.so", "libamdhip64.so.6", "libamdhip64.so.5"):
         try:
-            return ctypes.CDLL(name)
+            fn = ctypes.CDLL(name).hipExtMallocWithFlags
         except OSError:
             continue
+        fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
     raise DetarError("cannot load libamdhip64 for fine-grained device memory")
 
 
-def _hip_peer_written_malloc(size: int, lib: Any = None) -> int:
-    """hipExtMallocWithFlags through ctypes (CuPy has no binding): fine-grained and uncached; or
-    fine-grained only, with a one-time warning, where the runtime lacks the uncached flag."""
+def _hip_peer_written_malloc(size: int) -> int:
+    """Fine-grained and uncached device memory; or fine-grained only, with a one-time warning,
+    where the runtime lacks the uncached flag."""
     global _warned_fine_grained
-    fn = (lib or _hip_library()).hipExtMallocWithFlags
-    fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
-    fn.restype = ctypes.c_int
+    fn = _hip_ext_malloc()
     ptr = ctypes.c_void_p()
     if fn(ctypes.byref(ptr), size, _HIP_DEVICE_MALLOC_UNCACHED) == 0:
         return int(ptr.value)
@@ -65,6 +68,16 @@ def _hip_peer_written_malloc(size: int, lib: Any = None) -> int:
     return int(ptr.value)
 
 
+def alloc_report(runtime: Any) -> tuple[int, _protocol.Report]:
+    """A zeroed failure report in pinned host memory that every GPU maps (the kernels write it,
+    the host reads it without synchronising): its address and the Report over it. Freed with
+    ``runtime.freeHost``."""
+    size = ctypes.sizeof(_protocol.Report)
+    ptr = runtime.hostAlloc(size, _HOST_ALLOC_PORTABLE_MAPPED)
+    ctypes.memset(ptr, 0, size)
+    return ptr, _protocol.Report.from_address(ptr)
+
+
 def release_all(free: Callable[[int], Any], handles: Iterable[int]) -> None:
     """``free(h)`` for every handle, ignoring failures: at interpreter exit the context may be
     gone already, and then there is nothing left to release."""
@@ -75,13 +88,23 @@ def release_all(free: Callable[[int], Any], handles: Iterable[int]) -> None:
             pass
 
 
+def reaches(device: int, bus: str) -> bool:
+    """Whether GPU ``device`` accesses the GPU at PCI ``bus`` peer to peer; one this process
+    cannot see counts as reachable (opening its IPC handles decides)."""
+    from cupy.cuda import runtime as rt
+
+    try:
+        peer = rt.deviceGetByPCIBusId(bus)
+    except Exception:
+        return True
+    return bool(rt.deviceCanAccessPeer(device, peer))
+
+
 def check_devices(rank: int, device: int, bus_ids: list[str], share: bool,
                   p2p: bool = True) -> None:
     """Refuse, before anything is allocated, two ranks on one GPU (unless ``share``: see
     :mod:`detar_cupy._sharing`) and, with ``p2p``, GPUs that cannot reach each other.
     ``bus_ids``: every rank's PCI bus id, in rank order."""
-    from cupy.cuda import runtime as rt
-
     seen: dict[str, int] = {}
     for r, bus in enumerate(bus_ids):
         if bus in seen and not share:
@@ -91,11 +114,7 @@ def check_devices(rank: int, device: int, bus_ids: list[str], share: bool,
     for r, bus in enumerate(bus_ids if p2p else ()):
         if bus == bus_ids[rank]:
             continue  # this rank's own GPU (itself, or a rank sharing it)
-        try:
-            peer_dev = rt.deviceGetByPCIBusId(bus)
-        except Exception:
-            continue  # not visible in this process: ipcOpenMemHandle decides
-        if not rt.deviceCanAccessPeer(device, peer_dev):
+        if not reaches(device, bus):
             raise RendezvousError(
                 f"rank {rank} (GPU {device}) cannot access rank {r}'s GPU (PCI {bus}) peer to "
                 "peer; detar_cupy needs P2P (NVLink/xGMI or PCIe P2P) between all GPUs")
@@ -126,10 +145,7 @@ class SharedBuffers:
                                                 _protocol.STATE_BYTES)
             runtime.memcpy(self.state, ctypes.addressof(image), _protocol.STATE_BYTES,
                            runtime.memcpyHostToDevice)
-            size = ctypes.sizeof(_protocol.Report)
-            self._host_report = runtime.hostAlloc(size, _HOST_ALLOC_PORTABLE_MAPPED)
-            ctypes.memset(self._host_report, 0, size)
-            self.report = _protocol.Report.from_address(self._host_report)
+            self._host_report, self.report = alloc_report(runtime)
             runtime.deviceSynchronize()
 
             mine = (bytes(runtime.ipcGetMemHandle(self.stage)),

@@ -52,17 +52,12 @@ _WEAKEN = {"flag_scope": "DETAR_WEAKEN_FLAG_SCOPE", "vector": "DETAR_WEAKEN_VECT
            "ftz": "DETAR_WEAKEN_FTZ", "ll_lines": "DETAR_WEAKEN_LL_LINES",
            "wave_release": "DETAR_WEAKEN_WAVE_RELEASE"}
 
-# Every kernel takes the same parameters (packed once per plan by _launch.Launcher): count is
-# this launch's elements, total and chunk place it in the whole call (signature, reports).
-_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Ctx c, const void* in, '
-          "void* out, u64_t count, u64_t aux, u64_t sig, u64_t total, u64_t chunk) "
+_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}({params}) '
           "{{\n  {call};\n}}\n")
-_SEGMENTS_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}(Segments s, '
-                   'pack_t* buf) {{\n  {call};\n}}\n')
-_FOLD_ENTRY = ('extern "C" __global__ void __launch_bounds__({threads}) {name}({params}) '
-               "{{\n  {call};\n}}\n")
-#: Families of modules: the IPC collectives, and the NCCL transport's kernels.
-FAMILIES = ("ipc", "nccl")
+# The parameters of every IPC collective (packed once per plan by _launch.Launcher): count is
+# this launch's elements, total and chunk place it in the whole call (signature, reports).
+_IPC_PARAMS = ("Ctx c, const void* in, void* out, u64_t count, u64_t aux, u64_t sig, "
+               "u64_t total, u64_t chunk")
 
 
 @dataclass(frozen=True)
@@ -141,17 +136,18 @@ def _nccl_entries(key: ModuleKey):
                    f"node_carry<{dt.ctype}, {functor}, {key.world_size}>(c, a)")
 
 
-def _entries(key: ModuleKey):
-    """(name, device call) for every kernel of an IPC-family ``key``."""
+def _ipc_entries(key: ModuleKey):
+    """(name, parameter list, device call) for every kernel of an IPC-family ``key``."""
     n = key.world_size
     args = "c, (const char*)in, (char*)out, count"
     if key.dtype is None:
-        yield nop_name(n), "(void)c"  # the host-cost floor of the benchmark: a launch, no work
-        yield segments_name(n), "move_segments(s, buf)"
+        # the host-cost floor of the benchmark: a launch, no work
+        yield nop_name(n), _IPC_PARAMS, "(void)c"
+        yield segments_name(n), "Segments s, pack_t* buf", "move_segments(s, buf)"
         for size, ctype in MOVING_SIZES.items():
             for kind in MOVING:
-                yield (moving_name(size, n, kind), f"collective<{ctype}, OpSum, {n}, "
-                       f"{_MODE[kind]}>({args}, aux, sig, total, chunk)")
+                yield (moving_name(size, n, kind), _IPC_PARAMS, f"collective<{ctype}, OpSum, "
+                       f"{n}, {_MODE[kind]}>({args}, aux, sig, total, chunk)")
         return
     dt = DTYPES[key.dtype]
     for op in dt.ops:
@@ -160,14 +156,17 @@ def _entries(key: ModuleKey):
             call = (f"ll_all_reduce<{dt.ctype}, {functor}, {n}>({args}, sig, total, chunk)"
                     if alg == "ll" else f"collective<{dt.ctype}, {functor}, {n}, "
                     f"{_MODE[alg]}>({args}, aux, sig, total, chunk)")
-            yield reducing_name(key.dtype, op, n, alg), call
+            yield reducing_name(key.dtype, op, n, alg), _IPC_PARAMS, call
+
+
+def _entries(key: ModuleKey):
+    """(name, parameter list, device call) for every kernel of ``key``."""
+    return _nccl_entries(key) if key.family == "nccl" else _ipc_entries(key)
 
 
 def kernel_names(key: ModuleKey) -> tuple[str, ...]:
     """The extern "C" kernel names in the module of ``key``."""
-    if key.family == "nccl":
-        return tuple(name for name, _, _ in _nccl_entries(key))
-    return tuple(name for name, _ in _entries(key))
+    return tuple(name for name, _, _ in _entries(key))
 
 
 def module_keys() -> list[ModuleKey]:
@@ -184,11 +183,8 @@ def _library_source() -> str:
 
 
 def _entry(key: ModuleKey) -> str:
-    if key.family == "nccl":
-        return "".join(_FOLD_ENTRY.format(threads=THREADS, name=name, params=params, call=call)
-                       for name, params, call in _nccl_entries(key))
-    return "".join((_SEGMENTS_ENTRY if name.startswith("detar_segments") else _ENTRY).format(
-        threads=THREADS, name=name, call=call) for name, call in _entries(key))
+    return "".join(_ENTRY.format(threads=THREADS, name=name, params=params, call=call)
+                   for name, params, call in _entries(key))
 
 
 def render(keys: Sequence[ModuleKey], *, weaken: str | None = None,

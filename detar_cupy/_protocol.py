@@ -122,6 +122,7 @@ SHARED_CONSTANTS = {
     "DETAR_SEGMENTS": SEGMENTS,
     "ERR_TIMEOUT": ERR_TIMEOUT, "ERR_MISMATCH": ERR_MISMATCH, "AT_START": AT_START,
     "AT_MID": AT_MID, "AT_LL_HEADER": AT_LL_HEADER, "AT_LL_DATA": AT_LL_DATA,
+    "AT_HEADER": AT_HEADER,
 }
 
 
@@ -187,7 +188,8 @@ def state_image(first_epoch: int) -> bytes:
 # caught; a count/aux/chunk difference escapes only on a hash collision (2**-53).
 KINDS = ("ll", "one_shot", "two_shot", "reduce_scatter", "all_gather", "broadcast")
 _HASH_BITS = 53
-_KIND_SHIFT, _DTYPE_SHIFT, _OP_SHIFT = 61, 56, 53
+# the op field starts where the hash ends
+_KIND_SHIFT, _DTYPE_SHIFT, _OP_SHIFT = 61, 56, _HASH_BITS
 
 
 def call_signature(kind: str, dtype_code: int, op_code: int, total: int, aux: int,

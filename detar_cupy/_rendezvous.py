@@ -78,7 +78,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple, NoReturn
 
@@ -448,9 +448,7 @@ class Rendezvous:
         """Close after a failure; first tell the peers why, so that they fail now with this
         reason instead of timing out later with a vaguer one. Best effort: some may be gone."""
         if not self._closed:
-            notice = _notice(exc, reason)
-            for link in self._peers.values():
-                link.offer(link.pack(_ERROR, notice))
+            _tell_failure(self._peers.values(), exc, reason)
         self.close()
 
 
@@ -690,9 +688,8 @@ class _Lobby:
                     raise RendezvousError(f"rank 0: rank {rank} left during the rendezvous "
                                           f"({exc})") from exc
         except BaseException as exc:
-            notice = _notice(exc, str(exc) or type(exc).__name__)
+            _tell_failure(self.joined.values(), exc, str(exc) or type(exc).__name__)
             for link in self.joined.values():
-                link.offer(link.pack(_ERROR, notice))
                 link.close()
             raise
         finally:
@@ -1055,6 +1052,14 @@ def _raise_notice(message: bytes, sender: str, context: str) -> NoReturn:
     kind, text = _fields(message, sender, str, str)
     cls = {"timeout": RendezvousTimeout, "mismatch": MismatchError}.get(kind, RendezvousError)
     raise cls(f"{context}: {text}")
+
+
+def _tell_failure(links: Iterable[_Link], exc: BaseException, reason: str) -> None:
+    """Offer each peer an _ERROR frame saying why this rank fails (best effort, never blocks:
+    some may be gone), so that they fail now with this reason instead of timing out later."""
+    notice = _notice(exc, reason)
+    for link in links:
+        link.offer(link.pack(_ERROR, notice))
 
 
 def _notice(exc: BaseException, reason: str) -> bytes:

@@ -18,6 +18,7 @@ from detar_cupy._launchers import resolve as resolve_launch
 from detar_cupy._rendezvous import Rendezvous, check_world, connect, pipe_mesh
 from detar_cupy._sharing import SHARE_HINT, shared_gpus_allowed
 from detar_cupy.errors import CupyMissingError, GpuUnavailableError, WorkerError
+from detar_cupy.transports.select import check_transport
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -60,7 +61,7 @@ def spawn(fn: Callable[..., Any], nprocs: int | None = None, *, args: Sequence[A
     ``_make_comm`` (private, for tests): a picklable module-level ``(rendezvous, device) -> comm``
     used instead of the real communicator; with it, CuPy is not imported.
     """
-    _check_transport(transport)
+    check_transport(transport)
     nprocs, devices = _check_spawn_args(nprocs, devices, timeout, real_gpus=_make_comm is None)
     make_comm = _make_comm or functools.partial(_make_communicator, transport=transport)
     ctx = multiprocessing.get_context("spawn")
@@ -120,7 +121,7 @@ def init_process_group(n_devices: int | None = None, rank: int | None = None, *,
     """
     n_devices, rank, device, host, port = resolve_launch(n_devices, rank, device, host, port)
     check_world(n_devices, rank)
-    _check_transport(transport)
+    check_transport(transport)
     if device is not None and (not isinstance(device, int) or device < 0):
         raise ValueError(f"device must be an int >= 0, got {device!r}")
     # The GPU is checked before waiting for the peers: a rank that cannot work says so at once.
@@ -141,14 +142,7 @@ def init_process_group(n_devices: int | None = None, rank: int | None = None, *,
         raise
 
 
-def _check_transport(transport: str) -> None:
-    from detar_cupy.transports.select import check_transport
-
-    check_transport(transport)
-
-
-def _make_communicator(rendezvous: Rendezvous, device: int,
-                       transport: str = "auto") -> Communicator:
+def _make_communicator(rendezvous: Rendezvous, device: int, transport: str) -> Communicator:
     from detar_cupy.communicator import Communicator
 
     return Communicator._from_rendezvous(rendezvous, device, transport)

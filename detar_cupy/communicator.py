@@ -23,6 +23,15 @@ def _name_of(dtype: Any) -> str:
     return name
 
 
+
+def _bounded_put(cache: dict, key: Any, value: Any) -> Any:
+    """``cache[key] = value``, dropping the oldest entry past PLAN_CACHE (ever-new shapes, e.g.
+    batch sizes, would grow it unbounded); returns ``value``."""
+    if len(cache) >= PLAN_CACHE:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
+
 class Communicator:
     """One rank of a group of GPUs that reduce together, bit for bit deterministically.
 
@@ -96,12 +105,11 @@ class Communicator:
             # With this rank's device id: no cudaGetDevice per call, never another GPU's stream.
             self._current_stream = cupy.cuda.get_current_stream
             self._plans: dict[tuple, tuple] = {}
-            # (dtype, op, counts) -> (the coalescing tables of that shape, element size)
+            # (dtype, op, counts) -> (the coalescing tables of that shape, its all-reduce's plan)
             self._coalesced: dict[tuple, tuple] = {}
             self._failure: Exception | None = None
             self._busy = False  # a launch is in progress (see _launch)
-            self._coalescer = _coalesce.Coalescer(self.device, self.world_size,
-                                                  self._transport.launch_kernel)
+            self._coalescer = _coalesce.Coalescer(self.device, self.world_size)
             rendezvous.barrier()
         except BaseException:
             self._transport.close()
@@ -276,11 +284,8 @@ class Communicator:
         """Make and cache the plan of a call shape: (transport plan, bytes read from the input,
         bytes written to the output, the input-minus-output offset at which the two may alias).
         Past PLAN_CACHE entries the oldest goes (ever-new batch sizes would grow it unbounded)."""
-        plan = (self._transport.plan(call), in_bytes, out_bytes, alias)
-        if len(self._plans) >= PLAN_CACHE:
-            del self._plans[next(iter(self._plans))]
-        self._plans[key] = plan
-        return plan
+        return _bounded_put(self._plans, key, (self._transport.plan(call), in_bytes, out_bytes,
+                                               alias))
 
     def _launch(self, plan: tuple, stream: Any, in_ptr: int, out_ptr: int) -> None:
         """Enqueue ``plan``. Overlapping buffers that are not the call's supported aliasing get
@@ -309,15 +314,17 @@ class Communicator:
 
     def _launch_with_copy(self, tplan: Any, stream: Any, in_ptr: int, in_bytes: int,
                           out_ptr: int) -> None:
-        cp = self._cupy
+        runtime = self._cupy.cuda.runtime
         handle = self._stream(stream)
-        # Allocated while the call's stream is current: CuPy's pool then reuses the block only
-        # in that stream's order, after the kernels that read it.
-        with self.device, cp.cuda.ExternalStream(handle):
-            copy = cp.cuda.alloc(in_bytes)
-            cp.cuda.runtime.memcpyAsync(copy.ptr, in_ptr, in_bytes,
-                                        cp.cuda.runtime.memcpyDeviceToDevice, handle)
+        copy = self._scratch(in_bytes, handle)
+        runtime.memcpyAsync(copy.ptr, in_ptr, in_bytes, runtime.memcpyDeviceToDevice, handle)
         self._launch((tplan, in_bytes, 0, 0), handle, copy.ptr, out_ptr)
+
+    def _scratch(self, nbytes: int, handle: int) -> Any:
+        """Device memory for one call, allocated while the call's stream is current: CuPy's pool
+        then reuses the block only in that stream's order, after the kernels that use it."""
+        with self.device, self._cupy.cuda.ExternalStream(handle):
+            return self._cupy.cuda.alloc(nbytes)
 
     # ---- collectives on arrays -----------------------------------------------------------------
     def all_reduce(self, in_array: Any, out_array: Any = None, op: str = "sum", stream: Any = None,
@@ -459,21 +466,15 @@ class Communicator:
         cached = self._coalesced.get(key)
         if cached is None:
             itemsize = lookup(dtype, op).itemsize
-            if len(self._coalesced) >= PLAN_CACHE:
-                del self._coalesced[next(iter(self._coalesced))]
-            cached = self._coalesced[key] = (
-                self._coalescer.prepare([c * itemsize for c in counts]), itemsize)
-        shape, itemsize = cached
+            shape = self._coalescer.prepare([c * itemsize for c in counts])
+            cached = _bounded_put(self._coalesced, key, (shape, self._all_reduce_plan(
+                dtype, op, "auto", shape.total // itemsize)))
+        shape, plan = cached
         handle = self._stream(stream)
-        cp = self._cupy
-        # from CuPy's pool, allocated while the call's stream is current: reused only in that
-        # stream's order, after the launches that use it
-        with self.device, cp.cuda.ExternalStream(handle):
-            buf = cp.cuda.alloc(max(shape.total, 16))
-        self._coalescer.run(shape, ptrs, buf.ptr, handle,
-                            lambda: self.all_reduce_buffers(buf.ptr, buf.ptr,
-                                                            shape.total // itemsize, dtype, op,
-                                                            handle))
+        buf = self._scratch(max(shape.total, 16), handle).ptr
+        self._coalescer.gather(shape, ptrs, buf, handle)
+        self._launch(plan, handle, buf, buf)
+        self._coalescer.scatter(shape, handle)
 
     def reduce_scatter_buffers(self, in_ptr: int, out_ptr: int, count: int, dtype: str,
                                op: str = "sum", stream: Any = None) -> None:

@@ -270,9 +270,8 @@ def _canonical_nan_inplace(a: np.ndarray, dt: DType) -> None:
     """Replace every NaN of a floating result (each component of a complex one) by the
     canonical NaN of its type."""
     parts = _components(a) if dt.kind == "complex" else a
-    name = {"complex64": "float32", "complex128": "float64"}.get(dt.name, dt.name)
     bits = parts.view(_UINT_OF_SIZE[parts.dtype.itemsize])
-    bits[np.isnan(parts)] = CANONICAL_NAN[name]
+    bits[np.isnan(parts)] = CANONICAL_NAN[parts.dtype.name]
 
 
 def _to_acc(x: np.ndarray, acc_type: np.dtype, flush: bool, copy: bool) -> np.ndarray:

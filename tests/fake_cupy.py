@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from detar_cupy import _fold_abi, _kernels, _launch, reference
-from detar_cupy._protocol import Ctx, Report
+from detar_cupy._protocol import AT_HEADER, Ctx, Report
 from detar_cupy.dtypes import DTYPES, numpy_dtype
 
 WAIT_S = 10.0  # a peer that does not post within this is a test failure, not a hang
@@ -278,7 +278,7 @@ def _check(a: Any, report: Any) -> None:
         report.epoch, report.sig, report.peer_sig = mine.epoch, mine.sig, t.sig
         report.count, report.aux, report.peer_count, report.peer_aux = (mine.count, mine.aux,
                                                                        t.count, t.aux)
-        report.word = 2 | (differ[0] << 8) | (_fold_abi.AT_HEADER << 16)
+        report.word = 2 | (differ[0] << 8) | (AT_HEADER << 16)
 
 
 def _fold(dtype: str, op: str, a: Any) -> None:
@@ -319,6 +319,7 @@ def installed(world: World, monkeypatch: Any):
     rt.deviceGetPCIBusId = lambda device: "0000:00:00.0"
     rt.streamIsCapturing = lambda stream: False
     rt.deviceSynchronize = lambda: None
+    rt.streamSynchronize = lambda stream: None
     # IPC inside a node: every rank is a thread of this process, so a handle is the address
     rt.ipcGetMemHandle = lambda ptr: ptr.to_bytes(8, "little")
     rt.ipcOpenMemHandle = lambda handle, flags: int.from_bytes(handle, "little")

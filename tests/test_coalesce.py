@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from detar_cupy import _coalesce, _kernels
+from detar_cupy import _coalesce, _kernels, _launch
 from detar_cupy._protocol import SEGMENTS, Segments
 
 
@@ -35,7 +35,8 @@ def emulated_launch(log: list):
 def test_gather_reduce_scatter_through_prepared_tables(count: int, monkeypatch) -> None:
     monkeypatch.setattr(_kernels, "function", lambda key, name, dev: types.SimpleNamespace(ptr=1))
     log: list = []
-    co = _coalesce.Coalescer(FakeDevice(), 2, emulated_launch(log))
+    monkeypatch.setattr(_launch, "_driver_launch", lambda: emulated_launch(log))
+    co = _coalesce.Coalescer(FakeDevice(), 2)
     rng = np.random.default_rng(count)
     sizes = [int(n) for n in rng.integers(1, 300, count)]
     shape = co.prepare(sizes)
@@ -53,7 +54,9 @@ def test_gather_reduce_scatter_through_prepared_tables(count: int, monkeypatch) 
             buf[:] ^= 0x5A
 
         log.clear()
-        co.run(shape, ptrs, buf.ctypes.data, 0, reduce)
+        co.gather(shape, ptrs, buf.ctypes.data, 0)
+        reduce()
+        co.scatter(shape, 0)
         assert all(np.array_equal(a, w) for a, w in zip(arrays, want)), call
         n = len(shape.tables)
         assert [k for k, *_ in log] == ["gather"] * n + ["scatter"] * n

@@ -5,7 +5,7 @@
 // type, no finish, no rounding): that is how the hierarchical transport continues one node's fold
 // on the next node without splitting the left fold.
 //
-// FoldArgs, CallHeader and the DETAR_FOLD_* / DETAR_AT_* constants are rendered from
+// FoldArgs, CallHeader and the DETAR_FOLD_* constants are rendered from
 // _fold_abi.py just before this file. Instantiations (extern "C" names) come from _kernels.py.
 //
 // Every kernel but the header stamp is a no-op once the transport's Report word is nonzero (a
@@ -212,7 +212,7 @@ DEV void header_check(const FoldArgs& a) {
   // The details reach host memory before the word that tells the host (and our later kernels)
   // to read them: a system-scope fence orders the stores as every observer sees them.
   __threadfence_system();
-  store_relaxed_sys(&r->word, ERR_MISMATCH | (first << 8) | (DETAR_AT_HEADER << 16));
+  store_relaxed_sys(&r->word, ERR_MISMATCH | (first << 8) | (AT_HEADER << 16));
 }
 
 // node_carry: one node's step of the hierarchical transport's carried fold, over the G ranks of

@@ -60,9 +60,6 @@ class Transport(Protocol):
     report: Any
     timeout: float
     geometry: Any
-    #: the driver's kernel launch entry (cuLaunchKernel's arguments), for the Communicator's own
-    #: launches beside the plans (coalescing)
-    launch_kernel: Any
 
     def plan(self, call: Call) -> Any:
         """Everything a call of this shape needs, made once (compiles kernels on first use)."""
@@ -117,15 +114,15 @@ def _nccl_missing() -> str:
 def _p2p_row(device: Any, facts: Sequence[RankFacts], me: int) -> tuple[bool, ...]:
     """Whether this rank's GPU reaches each rank's GPU peer to peer (ranks on other nodes, the
     same GPU, and GPUs this process cannot see count as reachable: the IPC mapping decides)."""
-    from cupy.cuda import runtime as rt
+    from .._ipc import reaches
 
     row = []
     for f in facts:
         ok = True
         if f.node == facts[me].node and f.bus_id != facts[me].bus_id:
             try:
-                ok = bool(rt.deviceCanAccessPeer(device.id, rt.deviceGetByPCIBusId(f.bus_id)))
-            except Exception:  # not visible in this process
+                ok = reaches(device.id, f.bus_id)
+            except Exception:  # the driver could not say: the IPC mapping decides
                 ok = True
         row.append(ok)
     return tuple(row)

@@ -33,8 +33,9 @@ class IpcTransport:
 
     def __init__(self, rendezvous: Any, device: Any, settings: Settings, bus_ids: Sequence[str],
                  sm_counts: Sequence[int], name: str = "ipc") -> None:
+        from cupy.cuda import runtime
+
         self.name = name
-        self._rank = rendezvous.rank
         self._device = device
         check_devices(rendezvous.rank, device.id, list(bus_ids), settings.share_gpus)
         # Block b of every rank handles the same packs, so all ranks must launch the same grid.
@@ -48,8 +49,9 @@ class IpcTransport:
         self._launcher = Launcher(self._ctx)
         #: The hot path: launch a plan's prepared launches (see :meth:`Launcher.run`).
         self.run = self._launcher.run
-        #: The driver's launch entry, for launches outside plans (coalescing).
-        self.launch_kernel = self._launcher.launch_kernel
+        #: Block until the stream's work has finished: the kernels bound every wait for a peer
+        #: themselves, so a plain stream synchronisation is bounded too.
+        self.wait = runtime.streamSynchronize
         # Last, so that nothing after the allocations can fail (SharedBuffers releases what it
         # allocated if one of its own steps fails).
         self._buffers = SharedBuffers(rendezvous, settings.staging_bytes, settings.ll_bytes,
@@ -86,16 +88,9 @@ class IpcTransport:
                                                 l.count, l.aux, l.sig, l.total, l.chunk)
                          for l in self.launches(call))
 
-    def wait(self, stream: int) -> None:
-        """Block until the work on ``stream`` has finished: the kernels bound every wait for a
-        peer themselves, so a plain stream synchronisation is bounded too."""
-        from cupy.cuda import runtime
-
-        runtime.streamSynchronize(stream)
-
     def failure(self) -> Exception:
         """The error the kernels reported."""
-        return decode_error(self.report, self._rank, self.timeout)
+        return decode_error(self.report, self._ctx.rank, self.timeout)
 
     def close(self) -> None:
         self._buffers.close()

@@ -43,12 +43,11 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .. import _kernels
-from .._fold_abi import (AT_TRANSFER, FOLD_CARRY_IN, FOLD_CARRY_OUT, HEADER_BYTES, PEER_UNKNOWN,
-                         FoldArgs)
-from .._ipc import check_devices, release_all
+from .._fold_abi import FOLD_CARRY_IN, FOLD_CARRY_OUT, HEADER_BYTES, PEER_UNKNOWN, FoldArgs
+from .._ipc import alloc_report, check_devices, release_all
 from .._launch import _driver_launch
 from .._plan import Geometry
-from .._protocol import ERR_TIMEOUT, Report, decode_error, launch_text
+from .._protocol import AT_TRANSFER, ERR_TIMEOUT, Report, decode_error, launch_text
 from .._settings import Settings
 from ..errors import PeerTimeoutError, RendezvousTimeout
 from . import Call, RankFacts
@@ -65,7 +64,6 @@ _HEADER_GRACE_S = 0.5
 _WAIT_SPIN_S = 200e-6  # wait(): how long it polls the stream and the report back to back,
 _WAIT_POLL_S = 50e-6  # then the period of the poll (a sleep at least this long)
 _EVENT_DISABLE_TIMING = 0x2
-_HOST_ALLOC_PORTABLE_MAPPED = 0x1 | 0x2
 _CHECK_THREADS = 256
 _SPACE = {name: i for i, name in enumerate(S.SPACES)}
 _Step = Callable[[tuple, int], None]
@@ -115,11 +113,10 @@ class NcclTransport:
         check_devices(self.rank, device.id, [f.bus_id for f in facts], settings.share_gpus,
                       p2p=False)
         members = name.nodes.members
-        node = next(m for m in members if self.rank in m)
+        node = members[name.nodes.node_of(self.rank)]
         self._members = node
         self._timeout = settings.timeout
         self._launch = _driver_launch()
-        self.launch_kernel = self._launch  # the Transport protocol's, for coalescing
         self._fold_grid = 4 * facts[self.rank].sm_count
         self._own: list[int] = []
         self._host_report = 0
@@ -141,10 +138,7 @@ class NcclTransport:
             self._hdr = self._alloc(-(-self.world_size * HEADER_BYTES // 16) * 16)
             self._state = self._alloc(16)  # the u64 epoch of the call headers
             runtime.memset(self._state, 0, 16)
-            size = ctypes.sizeof(Report)
-            self._host_report = runtime.hostAlloc(size, _HOST_ALLOC_PORTABLE_MAPPED)
-            ctypes.memset(self._host_report, 0, size)
-            self.report = Report.from_address(self._host_report)
+            self._host_report, self.report = alloc_report(runtime)
             hierarchical = name == "hierarchical"
             if hierarchical:
                 # Every rank builds its node's IPC transport at once: its exchanges are global.

@@ -113,8 +113,9 @@ START_FLAG_BYTES = MAX_BLOCKS * MAX_WORLD * 8
 MID_FLAG_BYTES = MAX_BLOCKS * MAX_WORLD * 8
 DESC_BYTES = 2 * MAX_WORLD * DESC_LINES * LINE_BYTES
 #: Largest first epoch a test may choose (DETAR_FIRST_EPOCH): epochs are 64-bit counters that
-#: never wrap in practice, compared as unsigned numbers.
-MAX_FIRST_EPOCH = 1 << 63
+#: never wrap in practice, compared as unsigned numbers; the setting travels between ranks as a
+#: signed 64-bit int.
+MAX_FIRST_EPOCH = (1 << 63) - 1
 
 #: Constants the kernels take from here (rendered as #defines ahead of the source).
 SHARED_CONSTANTS = {
@@ -174,7 +175,7 @@ def state_image(first_epoch: int) -> bytes:
     """The initial state block: no error, every block's epoch one before ``first_epoch`` (the
     first launch's number)."""
     if not 1 <= first_epoch <= MAX_FIRST_EPOCH:
-        raise ValueError(f"the first epoch must be in [1, 2**63], got {first_epoch}")
+        raise ValueError(f"the first epoch must be in [1, 2**63 - 1], got {first_epoch}")
     state = State()
     for b in range(MAX_BLOCKS):
         state.epoch[b] = first_epoch - 1

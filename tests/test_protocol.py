@@ -34,10 +34,10 @@ def test_every_shared_field_is_pinned_in_the_rendered_source() -> None:
 
 
 def test_state_image_starts_every_block_at_the_first_epoch() -> None:
-    for first in (1, 2**31 - 2, 2**32 - 2, 2**63):
+    for first in (1, 2**31 - 2, 2**32 - 2, _protocol.MAX_FIRST_EPOCH):
         image = _protocol.State.from_buffer_copy(_protocol.state_image(first))
         assert image.word == 0 and set(image.epoch) == {first - 1}
-    for bad in (0, 2**63 + 1):
+    for bad in (0, _protocol.MAX_FIRST_EPOCH + 1):
         with pytest.raises(ValueError, match="first epoch"):
             _protocol.state_image(bad)
 
@@ -123,3 +123,17 @@ def test_timeout_report_names_the_peer_and_the_launch() -> None:
     text = str(err)
     assert "peer rank 2" in text and "mid barrier" in text and "2.5 s" in text
     assert "two_shot" in text and "count=65536" in text
+
+
+def test_the_largest_first_epoch_travels_in_the_settings_exchange(monkeypatch) -> None:
+    """Every rank sends its settings through the rendezvous (signed 64-bit ints on the wire):
+    the largest first epoch the setting accepts must fit, the next one is refused by name."""
+    from detar_cupy import _wire
+    from detar_cupy._settings import Settings
+
+    monkeypatch.setenv("DETAR_FIRST_EPOCH", str(_protocol.MAX_FIRST_EPOCH))
+    shared = Settings.from_env().shared()
+    assert _wire.decode(_wire.encode(shared), "test") == shared
+    monkeypatch.setenv("DETAR_FIRST_EPOCH", str(_protocol.MAX_FIRST_EPOCH + 1))
+    with pytest.raises(ValueError, match="DETAR_FIRST_EPOCH"):
+        Settings.from_env()

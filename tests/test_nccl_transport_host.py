@@ -275,6 +275,41 @@ def test_synchronize_raises_a_stall_without_waiting_for_the_stream(monkeypatch) 
     assert res["seconds"] < 2.0, res
 
 
+def _calls_behind_a_stall(comm: Any, memory: F.Memory) -> dict:
+    """Calls issued behind a stalled one: at most _IN_FLIGHT reach NCCL (whose enqueue blocks
+    in the library once its queue for a stalled peer is full, where no failure can reach the
+    caller); the caller waits in Python instead and its next call raises the stall."""
+    from detar_cupy.transports import nccl
+
+    x = _values(0, 64, "float32", 7)
+    src = _buffer(memory, x)
+    before = len(comm._transport._nc.calls)
+    comm.all_reduce_buffers(src, src, 64, "float32", "sum", 0, "one_shot")
+    comm.synchronize()
+    comm.timeout = 0.2
+    enqueued = len(comm._transport._nc.calls)
+    per_call = enqueued - before  # NCCL operations of one such call
+    F.stall_events(1)  # the first call's start completes, its end and everything later never do
+    error, issued = None, 0
+    try:
+        for issued in range(1, 4 * nccl._IN_FLIGHT + 1):
+            comm.all_reduce_buffers(src, src, 64, "float32", "sum", 0, "one_shot")
+    except Exception as exc:
+        error = exc
+    return {"error": error, "issued": issued, "limit": nccl._IN_FLIGHT,
+            "calls_in_nccl": (len(comm._transport._nc.calls) - enqueued) / per_call}
+
+
+def test_calls_behind_a_stall_wait_in_python_and_raise(monkeypatch) -> None:
+    (res,) = run_ranks(1, _calls_behind_a_stall, monkeypatch)
+    assert isinstance(res["error"], PeerTimeoutError), res
+    # Calls 1..limit reach NCCL; the next waits until the watchdog records the stall, then
+    # returns without enqueuing (as a launch on a failed IPC communicator is a no-op); the one
+    # after it raises.
+    assert res["calls_in_nccl"] == res["limit"], res
+    assert res["issued"] == res["limit"] + 2, res
+
+
 def _nccl_error_then(report_mismatch: bool) -> Callable[[Any, F.Memory], dict]:
     def body(comm: Any, memory: F.Memory) -> dict:
         """NCCL reports an error first (a mismatched call's transfer, seen by its proxy before

@@ -56,7 +56,12 @@ from .ipc import IpcTransport
 
 _EVENT_PAIRS = 64  # eager calls tracked at once; later ones go untracked until one completes
 _POLL_S = 0.02  # the watchdog's period
-_ABORT_WAIT_S = 1.0  # how long the watchdog waits for an enqueue in progress before aborting
+_ABORT_WAIT_S = 0.2  # how long the watchdog waits for an enqueue in progress before aborting
+#: Eager calls a rank may have enqueued and not finished. Beyond it run() waits, in Python and
+#: watching the report, for the call this many back to end: NCCL's enqueue blocks inside the
+#: library once its queue of transfers for a stalled peer is full, and a thread blocked there
+#: learns of the failure only when the abort has drained the stream (seconds later, on one H200).
+_IN_FLIGHT = 8
 #: How long an NCCL error may wait for our header check to report first: NCCL's proxy moves the
 #: bytes of a transfer as soon as it is enqueued, so the transfers of a mismatched call can fail
 #: (a truncated message) before the GPU has run the check kernel queued ahead of them.
@@ -242,11 +247,15 @@ class NcclTransport:
     def run(self, plan: Plan, stream: int, in_ptr: int, out_ptr: int) -> None:
         """Enqueue the plan's steps on ``stream``; eager calls are bracketed by events for the
         watchdog (captured ones cannot be: see the module docstring)."""
+        eager = not self._capturing(stream)
+        if eager:
+            self._throttle()
         with self._lock:
-            if self._aborted:  # failed: the error is raised by the caller's next check
+            if self._aborted or self.report.word:  # the caller's next check raises the failure
                 return
-            eager = not self._capturing(stream)
             self._calls += eager
+            if eager and not self._free:
+                self._retire()
             pair = self._free.popleft() if eager and self._free else None
             if pair is not None:
                 self._rt.eventRecord(pair[0], stream)
@@ -261,6 +270,24 @@ class NcclTransport:
                 if pair is not None:
                     self._rt.eventRecord(pair[1], stream)
                     self._pending.append([pair, plan, self._calls, None])
+
+    def _throttle(self) -> None:
+        """Wait until fewer than _IN_FLIGHT eager calls are unfinished, or this transport fails.
+        Only this thread appends records and they are retired oldest first, so the record
+        _IN_FLIGHT places from the newest stays that record while older ones are retired."""
+        spin_until = None
+        while not self.report.word:
+            try:
+                end = self._pending[-_IN_FLIGHT][0][1]
+            except IndexError:  # fewer in flight
+                return
+            if self._rt.eventQuery(end) == 0:
+                return
+            now = time.perf_counter()
+            if spin_until is None:
+                spin_until = now + _WAIT_SPIN_S
+            elif now > spin_until:
+                time.sleep(_WAIT_POLL_S)
 
     def wait(self, stream: int) -> None:
         """Block until the work on ``stream`` has finished, or until this transport has failed:
@@ -342,7 +369,7 @@ class NcclTransport:
             ops = tuple((nc.send if isinstance(op, S.Send) else nc.recv,
                          *_at(op.src if isinstance(op, S.Send) else op.dst), op.nbytes, op.peer)
                         for op in step.ops)
-            return lambda b, st: _group(nccl, ops, b, st)
+            return lambda b, st: _group(nccl, u8, ops, b, st)
         if isinstance(step, S.NodeGather):
             ipc = self._node
             ipc_plan = ipc.plan(Call("all_gather", None, sched.itemsize, "-", step.count, "-"))
@@ -428,7 +455,11 @@ class NcclTransport:
         if self.report.word:
             self._abort()
             return
-        self._retire()  # before anything is blamed on the oldest call still pending
+        with self._lock:  # the caller retires too: the oldest record is read under the lock
+            self._retire()  # before anything is blamed on the oldest call still pending
+            oldest = self._pending[0] if self._pending else None
+            if oldest is not None and oldest[3] is None and self._rt.eventQuery(oldest[0][0]) == 0:
+                oldest[3] = time.monotonic()  # running (on the GPU) since about now
         now = time.monotonic()
         try:
             self._nc.check_async_error()
@@ -439,20 +470,15 @@ class NcclTransport:
                 self._nccl_error_since = now
             if now - self._nccl_error_since < min(_HEADER_GRACE_S, self._timeout):
                 return
-            oldest = self._pending[0] if self._pending else None
             self._fail(f"NCCL reported {exc}", None if oldest is None else (oldest[1], oldest[2]))
             return
-        if self._pending:
-            record = self._pending[0]
-            (start, end), plan, number, seen = record
-            if seen is None:
-                if self._rt.eventQuery(start) == 0:
-                    record[3] = now  # running (on the GPU) since about now
-            elif now - seen > self._timeout:
-                self._fail(f"it ran on the GPU for more than {self._timeout:g} s", (plan, number))
+        if oldest is not None and oldest[3] is not None and now - oldest[3] > self._timeout:
+            self._fail(f"it ran on the GPU for more than {self._timeout:g} s",
+                       (oldest[1], oldest[2]))
 
     def _retire(self) -> None:
-        """Drop the records of the calls that have finished (oldest first), freeing their events."""
+        """Drop the records of the calls that have finished (oldest first), freeing their events.
+        Under the lock: the caller (out of event pairs) and the watchdog both retire."""
         while self._pending:
             (start, end), *_ = self._pending[0]
             if self._rt.eventQuery(end) != 0:
@@ -502,24 +528,24 @@ class NcclTransport:
         enqueue in progress, so that no NCCL call runs on a communicator being torn down."""
         if self._aborted:
             return
+        # Under the lock, so that no enqueue starts after this; NCCL's abort outside it, so that
+        # a caller entering run() meanwhile returns at once instead of waiting out the abort.
         locked = self._lock.acquire(timeout=_ABORT_WAIT_S)
-        try:
-            self._aborted = True
-            self._nc.abort()
-        finally:
-            if locked:
-                self._lock.release()
+        self._aborted = True
+        if locked:
+            self._lock.release()
+        self._nc.abort()
 
 
 def _at(ref: S.Ref) -> tuple[int, int]:
     return _SPACE[ref.space], ref.offset
 
 
-def _group(nccl: Any, ops: tuple, bases: tuple, stream: int) -> None:
+def _group(nccl: Any, u8: int, ops: tuple, bases: tuple, stream: int) -> None:
     nccl.groupStart()
     try:
         for fn, space, offset, nbytes, peer in ops:
-            fn(bases[space] + offset, nbytes, nccl.NCCL_UINT8, peer, stream)
+            fn(bases[space] + offset, nbytes, u8, peer, stream)
     finally:
         nccl.groupEnd()
 

@@ -400,7 +400,8 @@ class Rendezvous:
                     frame = waiting[peer].frame()
                     if frame is not None:
                         selector.unregister(waiting.pop(peer))
-                        messages[peer], values[peer] = self._value(peer, *frame)
+                        kind, messages[peer] = frame
+                        values[peer] = _exchanged(kind, messages[peer], "rank 0", f"rank {peer}")
                 if not waiting:
                     break
                 ready = selector.select(_remaining(deadline))
@@ -412,14 +413,6 @@ class Rendezvous:
         for link in self._peers.values():
             link.send(b"".join(link.pack(_VALUE, m) for m in messages), deadline)
         return values
-
-    def _value(self, peer: int, kind: bytes, message: bytes) -> tuple[bytes, Any]:
-        """(message, value) of rank ``peer``'s frame in an exchange."""
-        if kind == _ERROR:
-            _raise_notice(message, f"rank {peer}", f"rank 0: rank {peer} failed")
-        if kind != _VALUE:
-            raise RendezvousError(f"rank 0: rank {peer} sent a {kind!r} frame in an exchange")
-        return message, _wire.decode(message, f"rank {peer}")
 
     def _send_and_wait(self, message: bytes) -> list[Any]:
         link = self._peers[0]
@@ -434,14 +427,7 @@ class Rendezvous:
             if frame is None:
                 raise RendezvousTimeout(f"rank {self._rank}: rank 0 did not answer within "
                                         f"{self._timeout:g}s")
-            kind, reply = frame
-            if kind == _ERROR:
-                _raise_notice(reply, "rank 0",
-                              f"rank {self._rank}: rank 0 aborted the exchange")
-            if kind != _VALUE:
-                raise RendezvousError(f"rank {self._rank}: rank 0 sent a {kind!r} frame in an "
-                                      f"exchange")
-            values.append(_wire.decode(reply, "rank 0"))
+            values.append(_exchanged(*frame, f"rank {self._rank}", "rank 0"))
         return values
 
     def _fail(self, exc: BaseException, reason: str) -> None:
@@ -1045,6 +1031,15 @@ def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, deadlin
         link.require_seal(session, server=False)
     if _wire.decode(expect(_WELCOME)[1], where) is not None:
         raise RendezvousError(f"rank {rank}: rank 0 at {where} sent a malformed welcome")
+
+
+def _exchanged(kind: bytes, message: bytes, me: str, sender: str) -> Any:
+    """The value of ``sender``'s frame in an exchange, or the failure it reports, raised here."""
+    if kind == _ERROR:
+        _raise_notice(message, sender, f"{me}: {sender} aborted the exchange")
+    if kind != _VALUE:
+        raise RendezvousError(f"{me}: {sender} sent a {kind!r} frame in an exchange")
+    return _wire.decode(message, sender)
 
 
 def _raise_notice(message: bytes, sender: str, context: str) -> NoReturn:

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import reference
 from .dtypes import numpy_dtype
+from .transports.select import NODE_ENV
 
 KIB = 1 << 10
 DEFAULT_SIZES = tuple(KIB << (2 * i) for i in range(10))  # 1 KiB .. 256 MiB
@@ -287,13 +288,13 @@ def _start_transports(comm: Any, impls: Sequence[str], notes: _Notes) -> dict[st
         if impl not in impls:
             continue
         halves = comm.world_size // 2
-        saved = os.environ.get("DETAR_NODE")
+        saved = os.environ.get(NODE_ENV)
         tcomm, reason = None, None
         if want == "hierarchical" and (comm.world_size < 4 or comm.world_size % 2):
             reason = f"needs an even world of 4 or more ranks, got {comm.world_size}"
         else:
             if want == "hierarchical":  # two simulated nodes on this machine
-                os.environ["DETAR_NODE"] = f"bench-node-{comm.rank // halves}"
+                os.environ[NODE_ENV] = f"bench-node-{comm.rank // halves}"
             try:
                 tcomm = comm._beside("nccl")
                 if tcomm.transport != want:
@@ -303,9 +304,9 @@ def _start_transports(comm: Any, impls: Sequence[str], notes: _Notes) -> dict[st
             finally:
                 if want == "hierarchical":
                     if saved is None:
-                        os.environ.pop("DETAR_NODE", None)
+                        os.environ.pop(NODE_ENV, None)
                     else:
-                        os.environ["DETAR_NODE"] = saved
+                        os.environ[NODE_ENV] = saved
         if _failed_anywhere(comm, reason, notes, impl, "unavailable"):
             if tcomm is not None:
                 tcomm.close()

@@ -325,8 +325,7 @@ class _ChainLayout(NamedTuple):
     carry_in: int
     carry_out: int
     results: tuple[int, int]  # two, chosen by chunk parity
-    gathered: int  # all_reduce: the node's gathered results
-    received: int  # reduce_scatter: the results this rank owns, as they arrive
+    tail: int  # all_reduce: the node's gathered results; reduce_scatter: this rank's, as they arrive
 
 
 def _acc_bytes(dtype: str) -> int:
@@ -367,9 +366,8 @@ def _chain_layout(topo: Topology, call: Call, total: int) -> _ChainLayout:
     if worst is None:
         raise ValueError(f"staging of {topo.stage_bytes} bytes cannot hold one pack per node rank "
                          "of the hierarchical transport; raise DETAR_STAGING_BYTES")
-    carry, res, gathered, received = worst
-    return _ChainLayout(chunk, 0, carry, (2 * carry, 2 * carry + res), 2 * carry + 2 * res,
-                        2 * carry + 2 * res)
+    carry, res = worst[:2]
+    return _ChainLayout(chunk, 0, carry, (2 * carry, 2 * carry + res), 2 * carry + 2 * res)
 
 
 def _overlaps(mine: tuple[int, int],
@@ -454,7 +452,7 @@ def _chain(topo: Topology, call: Call) -> list[Step]:
                 if owned[1] > owned[0]:
                     got = c
                     for q, lo, hi in _overlaps(owned, cut(last, length)):
-                        ops.append(Recv(Ref("stage", lay.received + (lo - owned[0]) * s),
+                        ops.append(Recv(Ref("stage", lay.tail + (lo - owned[0]) * s),
                                         (hi - lo) * s, nodes[last][q]))
         if ops:
             steps.append(Group(tuple(ops)))
@@ -475,14 +473,14 @@ def _chain(topo: Topology, call: Call) -> list[Step]:
             if rs:
                 owned = (max(rank * call.count - start, 0),
                          min((rank + 1) * call.count - start, length))
-                steps.append(Copy(Ref("stage", lay.received), 0,
+                steps.append(Copy(Ref("stage", lay.tail), 0,
                                   Ref("out", (start + owned[0] - rank * call.count) * s), 0, 1,
                                   owned[1] - owned[0]))
             elif len(members) > 1:
                 sl = two_shot_slice(length, len(members), k)
                 steps += [NodeGather(Ref("stage", lay.results[got % 2]), sl,
-                                     Ref("stage", lay.gathered)),
-                          Copy(Ref("stage", lay.gathered), 0, Ref("out", start * s), 0, 1, length)]
+                                     Ref("stage", lay.tail)),
+                          Copy(Ref("stage", lay.tail), 0, Ref("out", start * s), 0, 1, length)]
             else:
                 steps.append(Copy(Ref("stage", lay.results[got % 2]), 0, Ref("out", start * s), 0,
                                   1, length))

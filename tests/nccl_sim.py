@@ -113,7 +113,7 @@ class Sim:
                 self._fold(st, sched, step, key)
             elif isinstance(step, S.Copy):
                 for q in range(step.slots):
-                    nbytes = step.count * sched.itemsize
+                    nbytes = step.count * sched.call.itemsize
                     data = self._read(st, S.Ref(step.src.space, step.src.offset + q * step.src_stride),
                                       nbytes, key)
                     self._write(st, S.Ref(step.dst.space, step.dst.offset + q * step.dst_stride),
@@ -131,7 +131,7 @@ class Sim:
             st.failed, st.mismatch_peer = "mismatch", differ[0]
 
     def _fold(self, st: RankState, sched: S.Schedule, step: S.Fold, key: int) -> None:
-        dt = DTYPES[sched.dtype]
+        dt = DTYPES[sched.call.dtype]
         np_dt, acc_dt = numpy_dtype(dt.name), numpy_dtype(dt.acc)
         n = step.count
         slots = [np.frombuffer(self._read(st, S.Ref(step.src.space, step.src.offset + q * step.stride),
@@ -146,12 +146,12 @@ class Sim:
     def _store_fold(self, st: RankState, sched: S.Schedule, slots: list[np.ndarray],
                     partial: np.ndarray | None, dst: S.Ref, carry_out: bool, key: int) -> None:
         op = sched.call.op
-        acc = reference.fold_partial(slots, op, sched.dtype, partial=partial)
+        acc = reference.fold_partial(slots, op, sched.call.dtype, partial=partial)
         if carry_out:
             self._write(st, dst, acc.tobytes(), key)
         else:
-            self._write(st, dst, reference.finish(acc, op, sched.divisor, sched.dtype).tobytes(),
-                        key)
+            done = reference.finish(acc, op, sched.divisor, sched.call.dtype)
+            self._write(st, dst, done.tobytes(), key)
 
     # ---- meetings (NCCL, IPC) ----------------------------------------------------------------
     def _collective(self) -> bool:
@@ -247,7 +247,7 @@ class Sim:
             for m in members:  # its node peers time out at the barrier
                 self.ranks[m].failed = self.ranks[m].failed or "timeout"
             return
-        dt = DTYPES[sched.dtype]
+        dt = DTYPES[sched.call.dtype]
         np_dt, acc_dt = numpy_dtype(dt.name), numpy_dtype(dt.acc)
         g, s = len(members), dt.itemsize
         cut = S.pieces(step0.count, g, 16 // s)
@@ -267,7 +267,7 @@ class Sim:
 
     def _node_gather(self, members: tuple[int, ...], cur: list) -> None:
         sched, step0, _ = cur[0]
-        nbytes = step0.count * sched.itemsize
+        nbytes = step0.count * sched.call.itemsize
         parts = [self._read(self.ranks[m], c[1].src, nbytes, c[2]) for m, c in zip(members, cur)]
         for m, c in zip(members, cur):
             self._write(self.ranks[m], c[1].dst, b"".join(parts), c[2])

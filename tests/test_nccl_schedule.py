@@ -226,8 +226,8 @@ def test_chunks_fit_staging_and_node_buffers(nodes, dtype: str) -> None:
                         packed.append(step.dst)
                     assert all(r.offset % 16 == 0 for r in packed if r is not None), step
                 if isinstance(step, S.NodeCarry):
-                    assert g * step.slice * sched.itemsize <= topo.node_half_bytes
-                    assert step.slice % (16 // sched.itemsize) == 0
+                    assert g * step.slice * sched.call.itemsize <= topo.node_half_bytes
+                    assert step.slice % (16 // sched.call.itemsize) == 0
                     covered += step.count
             if sched.path == "chain" and g > 1:
                 total = count * (world if coll == "reduce_scatter" else 1)
@@ -236,7 +236,7 @@ def test_chunks_fit_staging_and_node_buffers(nodes, dtype: str) -> None:
 
 def _extents(step: S.Step, sched: S.Schedule):
     """(ref, bytes) that a step reads or writes, as far as staging bounds go."""
-    s = sched.itemsize
+    s = sched.call.itemsize
     if isinstance(step, S.Group):
         return [(op.src if isinstance(op, S.Send) else op.dst, op.nbytes) for op in step.ops]
     if isinstance(step, (S.AllGather, S.Broadcast)):

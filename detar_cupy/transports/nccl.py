@@ -372,7 +372,8 @@ class NcclTransport:
             return lambda b, st: _group(nccl, u8, ops, b, st)
         if isinstance(step, S.NodeGather):
             ipc = self._node
-            ipc_plan = ipc.plan(Call("all_gather", None, sched.itemsize, "-", step.count, "-"))
+            ipc_plan = ipc.plan(Call("all_gather", None, sched.call.itemsize, "-", step.count,
+                                     "-"))
             (si, so), (di, do) = _at(step.src), _at(step.dst)
             return lambda b, st: ipc.run(ipc_plan, st, b[si] + so, b[di] + do)
         return self._kernel(sched, step)
@@ -383,8 +384,8 @@ class NcclTransport:
         a = FoldArgs()
         a.report, a.state, a.rank, a.divisor = self._host_report, self._state, self.rank, sched.divisor
         refs: dict[str, S.Ref | None] = {}
-        dev, s = self._device.id, sched.itemsize
-        fold_key = _kernels.ModuleKey(sched.dtype, 0, "nccl")
+        dev, s, dtype = self._device.id, sched.call.itemsize, sched.call.dtype
+        fold_key = _kernels.ModuleKey(dtype, 0, "nccl")
         movers = _kernels.ModuleKey(None, 0, "nccl")
         ctx = None
         block = _kernels.THREADS
@@ -396,7 +397,7 @@ class NcclTransport:
             key, name, grid, block = movers, _kernels.HEADER_CHECK, 1, _CHECK_THREADS
             a.src, a.slots = self._hdr, self.world_size
         elif isinstance(step, S.Fold):
-            key, name = fold_key, _kernels.fold_name(sched.dtype, sched.call.op)
+            key, name = fold_key, _kernels.fold_name(dtype, sched.call.op)
             a.count, a.src_stride, a.slots = step.count, step.stride, step.slots
             a.flags = (FOLD_CARRY_IN if step.carry else 0) | (FOLD_CARRY_OUT if step.carry_out else 0)
             refs = {"src": step.src, "carry": step.carry, "dst": step.dst}
@@ -409,8 +410,8 @@ class NcclTransport:
             grid = self._grid(-(-step.count // (16 // s)) * step.slots)
         elif isinstance(step, S.NodeCarry):
             g = len(self._members)
-            key = _kernels.ModuleKey(sched.dtype, g, "nccl")
-            name = _kernels.node_carry_name(sched.dtype, sched.call.op, g)
+            key = _kernels.ModuleKey(dtype, g, "nccl")
+            name = _kernels.node_carry_name(dtype, sched.call.op, g)
             a.count, a.aux, a.sig = step.count, step.slice, sched.steps[0].sig
             a.flags = (FOLD_CARRY_IN if step.carry else 0) | (FOLD_CARRY_OUT if step.carry_out else 0)
             refs = {"src": step.src, "carry": step.carry, "dst": step.dst}

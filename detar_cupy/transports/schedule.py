@@ -194,10 +194,8 @@ class Topology:
 class Schedule(NamedTuple):
     """One rank's steps for one call, with the constants its kernels need."""
 
-    call: Call
+    call: Call  # its dtype: the table name of the folded elements (None: data movers)
     path: str
-    dtype: str | None  # table name of the folded elements (None: data movers)
-    itemsize: int
     divisor: int  # avg's N
     steps: tuple[Step, ...]
 
@@ -313,7 +311,7 @@ def plan(topo: Topology, call: Call) -> Schedule:
                 steps.append(Copy(Ref("stage", 0), 0, Ref("out", a * s), 0, 1, length))
     else:
         steps += _chain(topo, call)
-    return Schedule(call, path, call.dtype, s, n, tuple(steps))
+    return Schedule(call, path, n, tuple(steps))
 
 
 # ---- the hierarchical chain --------------------------------------------------------------------
@@ -325,7 +323,7 @@ class _ChainLayout(NamedTuple):
     carry_in: int
     carry_out: int
     results: tuple[int, int]  # two, chosen by chunk parity
-    tail: int  # all_reduce: the node's gathered results; reduce_scatter: this rank's, as they arrive
+    tail: int  # all_reduce: the node's gathered results; reduce_scatter: this rank's, arriving
 
 
 def _acc_bytes(dtype: str) -> int:

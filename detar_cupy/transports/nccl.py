@@ -58,16 +58,18 @@ _EVENT_PAIRS = 64  # eager calls tracked at once; later ones go untracked until 
 _POLL_S = 0.02  # the watchdog's period
 _ABORT_WAIT_S = 0.2  # how long the watchdog waits for an enqueue in progress before aborting
 #: Eager calls a rank may have enqueued and not finished. Beyond it run() waits, in Python and
-#: watching the report, for the call this many back to end: NCCL's enqueue blocks inside the
-#: library once its queue of transfers for a stalled peer is full, and a thread blocked there
-#: learns of the failure only when the abort has drained the stream (seconds later, on one H200).
+#: watching the report, for the call this many back to end. NCCL's enqueue can block inside the
+#: library behind a stalled peer, and a thread blocked there learns of the failure only once the
+#: abort has drained the stream (a survivor on one H200 once raised 7.4 s after a 2 s timeout).
 _IN_FLIGHT = 8
 #: How long an NCCL error may wait for our header check to report first: NCCL's proxy moves the
 #: bytes of a transfer as soon as it is enqueued, so the transfers of a mismatched call can fail
 #: (a truncated message) before the GPU has run the check kernel queued ahead of them.
 _HEADER_GRACE_S = 0.5
-_WAIT_SPIN_S = 200e-6  # wait(): how long it polls the stream and the report back to back,
-_WAIT_POLL_S = 50e-6  # then the period of the poll (a sleep at least this long)
+#: _poll_until (wait(), the throttle): how long it polls back to back, then its period (a sleep
+#: at least this long).
+_WAIT_SPIN_S = 200e-6
+_WAIT_POLL_S = 50e-6
 _EVENT_DISABLE_TIMING = 0x2
 _CHECK_THREADS = 256
 _SPACE = {name: i for i, name in enumerate(S.SPACES)}
@@ -272,21 +274,27 @@ class NcclTransport:
                     self._pending.append([pair, plan, self._calls, None])
 
     def _throttle(self) -> None:
-        """Wait until fewer than _IN_FLIGHT eager calls are unfinished, or this transport fails.
-        Only this thread appends records and they are retired oldest first, so the record
-        _IN_FLIGHT places from the newest stays that record while older ones are retired."""
-        spin_until = None
-        while not self.report.word:
-            try:
-                end = self._pending[-_IN_FLIGHT][0][1]
-            except IndexError:  # fewer in flight
+        """Wait until fewer than _IN_FLIGHT eager calls are unfinished, or this transport fails."""
+        if len(self._pending) >= _IN_FLIGHT:  # else return at once: no poll, no exception
+            self._poll_until(self._fewer_in_flight)
+
+    def _fewer_in_flight(self) -> bool:
+        # Only this thread appends records and they are retired oldest first, so the record
+        # _IN_FLIGHT places from the newest stays that record while older ones are retired.
+        try:
+            end = self._pending[-_IN_FLIGHT][0][1]
+        except IndexError:
+            return True
+        return self._rt.eventQuery(end) == 0
+
+    def _poll_until(self, done: Callable[[], bool]) -> None:
+        """Poll ``done()`` back to back for _WAIT_SPIN_S (a short wait is not lengthened by a
+        sleep), then every _WAIT_POLL_S, until it is true or this transport has failed."""
+        spin_until = time.perf_counter() + _WAIT_SPIN_S
+        while not done():
+            if self.report.word:
                 return
-            if self._rt.eventQuery(end) == 0:
-                return
-            now = time.perf_counter()
-            if spin_until is None:
-                spin_until = now + _WAIT_SPIN_S
-            elif now > spin_until:
+            if time.perf_counter() > spin_until:
                 time.sleep(_WAIT_POLL_S)
 
     def wait(self, stream: int) -> None:
@@ -300,12 +308,7 @@ class NcclTransport:
             with self._lock:
                 self._events.append(event)  # destroyed by close()
         rt.eventRecord(event, stream)
-        spin_until = time.perf_counter() + _WAIT_SPIN_S  # short calls end within the spin
-        while rt.eventQuery(event) != 0:
-            if self.report.word:
-                return
-            if time.perf_counter() > spin_until:
-                time.sleep(_WAIT_POLL_S)
+        self._poll_until(lambda: rt.eventQuery(event) == 0)
 
     def failure(self) -> Exception:
         """The error in the report: decoded like the IPC transport's, except a stalled or broken

@@ -38,7 +38,7 @@ def torchrun(env: Mapping[str, str] | None = None) -> Launch | None:
     """The launch torchrun describes in ``env``, or None when ``RANK`` and ``WORLD_SIZE`` are both
     unset. ValueError naming the variable for a missing partner or a malformed value."""
     env = os.environ if env is None else env
-    have = [name for name in ("RANK", "WORLD_SIZE") if env.get(name, "").strip()]
+    have = [name for name in ("RANK", "WORLD_SIZE") if _given(env, name)]
     if not have:
         return None
     if len(have) == 1:
@@ -49,11 +49,11 @@ def torchrun(env: Mapping[str, str] | None = None) -> Launch | None:
     rank = _int(env, "RANK", 0)
     if rank >= world:
         raise ValueError(f"RANK={rank} is not below WORLD_SIZE={world}: ranks are 0..{world - 1}")
-    device = _int(env, "LOCAL_RANK", 0) if env.get("LOCAL_RANK", "").strip() else None
-    local = _int(env, "LOCAL_WORLD_SIZE", 1) if env.get("LOCAL_WORLD_SIZE", "").strip() else None
+    device = _int(env, "LOCAL_RANK", 0) if _given(env, "LOCAL_RANK") else None
+    local = _int(env, "LOCAL_WORLD_SIZE", 1) if _given(env, "LOCAL_WORLD_SIZE") else None
     host = "127.0.0.1" if local == world else (env.get("MASTER_ADDR", "").strip() or None)
     port = None
-    if env.get("MASTER_PORT", "").strip():
+    if _given(env, "MASTER_PORT"):
         port = _int(env, "MASTER_PORT", 1) + 1
         if port > 65535:
             raise ValueError(f"MASTER_PORT={port - 1} leaves no port above it for detar_cupy's "
@@ -80,6 +80,11 @@ def resolve(n_devices: int | None, rank: int | None, device: int | None, host: s
                          f"n_devices and rank, or start the processes with torchrun; got "
                          f"n_devices={n_devices!r}, rank={rank!r}{given}")
     return Launch(n_devices, rank, device, host, port)
+
+
+def _given(env: Mapping[str, str], name: str) -> bool:
+    """Whether ``name`` is set to something other than blanks."""
+    return bool(env.get(name, "").strip())
 
 
 def _int(env: Mapping[str, str], name: str, low: int) -> int:

@@ -982,7 +982,7 @@ def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, deadlin
                                   f"runs as uid {uid}, not as this user (uid {os.geteuid()}); "
                                   f"refusing to talk to it")
 
-    def expect(*kinds: bytes) -> tuple[bytes, bytes]:
+    def expect(kind: bytes) -> tuple[bytes, bytes]:
         try:
             frame = link.recv(deadline)
         except _Closed:
@@ -995,7 +995,7 @@ def _enter(link: _Link, world_size: int, rank: int, endpoint: _Endpoint, deadlin
         if frame[0] == _ERROR:
             _raise_notice(frame[1], f"rank 0 at {where}",
                           f"rank {rank}: rank 0 at {where} refused this rank")
-        if frame[0] not in kinds:
+        if frame[0] != kind:
             raise RendezvousError(stranger)
         return frame
 

@@ -55,13 +55,13 @@ class ProcessGroupRendezvous:
             raise RendezvousError(f"rank {self.rank}: the rendezvous is closed")
         data = _wire.encode(obj)
         if self.world_size == 1:  # the same codec round trip as with peers
-            return [_decode(data, 0)]
+            return [_wire.decode(data, "rank 0")]
         lengths = self._all_gather(torch.tensor([len(data)], dtype=torch.int64))
         sizes = [int(n) for n in lengths]
         payload = torch.zeros(max(1, *sizes), dtype=torch.uint8)
         payload[:len(data)] = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
         parts = self._all_gather(payload)
-        return [_decode(part[:n].numpy().tobytes(), r)
+        return [_wire.decode(part[:n].numpy().tobytes(), f"rank {r}")
                 for r, (part, n) in enumerate(zip(parts, sizes))]
 
     def barrier(self) -> None:
@@ -75,14 +75,6 @@ class ProcessGroupRendezvous:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor, group=self._group)
         return [p.cpu() for p in parts]
-
-
-def _decode(data: bytes, rank: int) -> Any:
-    try:
-        return _wire.decode(data, f"rank {rank}")
-    except ValueError as exc:
-        raise RendezvousError(f"rank {rank} sent a setup message that cannot be decoded: "
-                              f"{exc}") from exc
 
 
 def from_process_group(group: Any = None, *, device: int | torch.device | None = None,

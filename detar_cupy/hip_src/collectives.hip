@@ -344,68 +344,153 @@ DEV u64_t piece_len(bool two_shot, u64_t count, u64_t slice, int s) {
 
 #define UNROLL 2
 
-// Staging packs of this GPU -> user memory, UNROLL loads in flight per thread.
-template <int S>
-DEV void copy_out(const pack_t* src, char* dst, u64_t len, u64_t g0, u64_t G) {
+// ---- the data loops: whole packs first -----------------------------------------------------------
+// Thread g of the grid handles packs g, g + G, g + 2G, ... of a piece in every loop of a launch
+// (the aliasing argument above the collectives rests on it). Each loop runs over two ranges,
+// decided once per launch: packs [0, W) are whole and 16-byte aligned (W = whole_packs: all of
+// them for an aligned piece whose length is a multiple of K, none for a misaligned piece), so
+// each is one 16-byte access with no test; packs [W, P) go through load_bytes/store_bytes (the
+// short last pack, every pack of a misaligned piece). The range that aligned calls run then holds
+// no call and no per-pack test: 1.1-2.0 % faster at 64 KiB - 1 MiB than one loop testing every
+// pack, and as fast at 1 KiB (bench/NOTES.md, v6 kernels).
+template <int S> DEV u64_t whole_packs(const void* p, u64_t len) {
+  return aligned16(p) ? len / (16 / S) : 0;
+}
+template <int S> DEV u64_t packs_of(u64_t len) { return (len + 16 / S - 1) / (16 / S); }
+
+// Pack o of the piece base[0, len) (lanes past its end are zero); WHOLE: o < whole_packs.
+template <int S, bool WHOLE> DEV pack_t load_pack(const char* base, u64_t o, u64_t len) {
+  if (WHOLE) return pack_load(reinterpret_cast<const pack_t*>(base) + o);
   const int K = 16 / S;
-  const bool al = aligned16(dst);
-  for (u64_t o = g0; o * K < len; o += UNROLL * G) {
+  return load_bytes(base + o * 16, clamp_valid(len, o * K, K) * S, base, base + len * S);
+}
+template <int S, bool WHOLE> DEV void store_pack(char* base, u64_t o, u64_t len, pack_t p) {
+  if (WHOLE) { pack_store(reinterpret_cast<pack_t*>(base) + o, p); return; }
+  const int K = 16 / S;
+  store_bytes(base + o * 16, clamp_valid(len, o * K, K) * S, p);
+}
+
+// Where this thread's packs continue past w, given o: the first of its packs in steps of U * G
+// at or past w (what a range loop returns). The last step of U packs may have crossed w and left
+// its packs at or past w for the next range.
+template <int U> DEV u64_t resume_at(u64_t o, u64_t g0, u64_t G, u64_t w) {
+#pragma unroll
+  for (int u = 1; u < U; ++u)
+    if (o >= g0 + G && o - G >= w) o -= G;
+  return o;
+}
+
+// Staging packs of this GPU -> user memory, packs [o, end), UNROLL loads in flight per thread.
+template <int S, bool WHOLE>
+DEV u64_t copy_out_range(const pack_t* src, char* dst, u64_t len, u64_t o, u64_t end, u64_t G) {
+  for (; o < end; o += UNROLL * G) {
     pack_t v[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-      if ((o + u * G) * K < len) v[u] = pack_load_fresh(src + o + u * G);
+      if (o + u * G < end) v[u] = pack_load_fresh(src + o + u * G);
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const u64_t ou = o + u * G;
-      if (ou * K >= len) break;
-      store_elems<S>(dst, ou * K, clamp_valid(len, ou * K, K), al, v[u]);
-    }
+    for (int u = 0; u < UNROLL; ++u)
+      if (o + u * G < end) store_pack<S, WHOLE>(dst, o + u * G, len, v[u]);
   }
+  return o;
+}
+template <int S> DEV void copy_out(const pack_t* src, char* dst, u64_t len, u64_t g0, u64_t G) {
+  const u64_t w = whole_packs<S>(dst, len);
+  const u64_t o = copy_out_range<S, true>(src, dst, len, g0, w, G);
+  copy_out_range<S, false>(src, dst, len, resume_at<UNROLL>(o, g0, G, w), packs_of<S>(len), G);
 }
 
 // User memory -> slot `slot` of every rank's staging half (remote 16-byte stores over
 // NVLink/xGMI; writes are posted, so pushing beats pulling with remote loads).
-template <int S, int N>
-DEV void push(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, u64_t g0, u64_t G) {
-  const int K = 16 / S;
-  const bool al = aligned16(src);
-  for (u64_t o = g0; o * K < len; o += UNROLL * G) {
+template <int S, int N, bool WHOLE>
+DEV u64_t push_range(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, u64_t o,
+                     u64_t end, u64_t G) {
+  for (; o < end; o += UNROLL * G) {
     pack_t v[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-      if ((o + u * G) * K < len)
-        v[u] = load_elems<S>(src, (o + u * G) * K, clamp_valid(len, (o + u * G) * K, K), al, len);
+      if (o + u * G < end) v[u] = load_pack<S, WHOLE>(src, o + u * G, len);
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if ((o + u * G) * K >= len) break;
+    for (int u = 0; u < UNROLL; ++u)
+      if (o + u * G < end)
 #pragma unroll
-      for (int q = 0; q < N; ++q) pack_store(c.stage[q] + half + slot + o + u * G, v[u]);
-    }
+        for (int q = 0; q < N; ++q) pack_store(c.stage[q] + half + slot + o + u * G, v[u]);
   }
+  return o;
+}
+template <int S, int N>
+DEV void push(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, u64_t g0, u64_t G) {
+  const u64_t w = whole_packs<S>(src, len);
+  const u64_t o = push_range<S, N, true>(c, half, src, len, slot, g0, w, G);
+  push_range<S, N, false>(c, half, src, len, slot, resume_at<UNROLL>(o, g0, G, w), packs_of<S>(len),
+                          G);
 }
 
-// Slice s of user memory -> slot `slot` of rank s's staging half, for every s in one pass: each
-// step loads one pack of every slice, then stores each to its own rank. Every GPU then sends to
-// all peers at once and receives from all at once; pushing slice after slice instead makes all
-// ranks store into the same receiver, whose links become the bottleneck while the others idle.
+// Slice q of user memory (len[q] elements at in + q * in_stride elements) -> slot `slot` of rank
+// q's staging half, for every q in one pass: each step loads one pack of every slice, then stores
+// each to its own rank. Every GPU then sends to all peers at once and receives from all at once;
+// pushing slice after slice instead makes all ranks store into the same receiver, whose links
+// become the bottleneck while the others idle.
+template <int S, int N, bool WHOLE>
+DEV u64_t push_slices_range(const Ctx& c, u64_t half, const char* in, u64_t in_stride,
+                            const u64_t (&len)[N], u64_t slot, u64_t o, u64_t end, u64_t G) {
+  const int K = 16 / S;
+  for (; o < end; o += G) {
+    pack_t v[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) {
+      v[q].lo = 0; v[q].hi = 0;
+      if (o * K < len[q]) v[q] = load_pack<S, WHOLE>(in + (u64_t)q * in_stride * S, o, len[q]);
+    }
+#pragma unroll
+    for (int q = 0; q < N; ++q)
+      if (o * K < len[q]) pack_store(c.stage[q] + half + slot + o, v[q]);
+  }
+  return o;
+}
+// Slices of `slice` elements (two_shot: the last ones short or empty); sp packs per slot. Packs
+// below w are whole in every slice that has them.
 template <int S, int N>
 DEV void push_slices(const Ctx& c, u64_t half, const char* in, u64_t in_stride, bool two_shot,
                      u64_t count, u64_t slice, u64_t slot, u64_t sp, u64_t g0, u64_t G) {
   const int K = 16 / S;
-  for (u64_t o = g0; o < sp; o += G) {
-    pack_t v[N];
+  u64_t len[N];
+  u64_t w = sp;
 #pragma unroll
-    for (int q = 0; q < N; ++q) {
-      const char* src = in + (u64_t)q * in_stride * S;
-      const u64_t len = piece_len(two_shot, count, slice, q);
-      const int valid = clamp_valid(len, o * K, K);
-      v[q].lo = 0; v[q].hi = 0;
-      if (valid) v[q] = load_elems<S>(src, o * K, valid, aligned16(src), len);
-    }
-#pragma unroll
-    for (int q = 0; q < N; ++q)
-      if (o * K < piece_len(two_shot, count, slice, q)) pack_store(c.stage[q] + half + slot + o, v[q]);
+  for (int q = 0; q < N; ++q) {
+    len[q] = piece_len(two_shot, count, slice, q);
+    const u64_t wq = !aligned16(in + (u64_t)q * in_stride * S) ? 0 : len[q] % K ? len[q] / K : sp;
+    if (wq < w) w = wq;
   }
+  const u64_t o = push_slices_range<S, N, true>(c, half, in, in_stride, len, slot, g0, w, G);
+  push_slices_range<S, N, false>(c, half, in, in_stride, len, slot, o, sp, G);
+}
+
+// Slots 0..N-1 of this rank's staging half, packs [o, end): the fold of the contract -> dst (the
+// piece of len elements this rank reduces) and, GATHER (two_shot), into every peer's gather slot.
+template <class T, class Op, int N, bool GATHER, bool WHOLE>
+DEV u64_t fold_range(const Ctx& c, u64_t half, u64_t sp, char* dst, u64_t len, u64_t o, u64_t end,
+                     u64_t G) {
+  const pack_t* mine = c.stage[c.rank] + half;
+  for (; o < end; o += UNROLL * G) {
+    pack_t v[UNROLL][N];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      if (o + u * G < end)
+#pragma unroll
+        for (int r = 0; r < N; ++r) v[u][r] = pack_load_fresh(mine + r * sp + o + u * G);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      if (o + u * G >= end) break;
+      const pack_t red = reduce_pack<T, Op, N>(v[u]);
+      store_pack<Traits<T>::S, WHOLE>(dst, o + u * G, len, red);
+      if (GATHER)
+#pragma unroll
+        for (int q = 0; q < N; ++q)
+          if (q != c.rank) pack_store(c.stage[q] + half + (N + c.rank) * sp + o + u * G, red);
+    }
+  }
+  return o;
 }
 
 enum Mode { ONE_SHOT = 1, TWO_SHOT = 2, REDUCE_SCATTER = 3, ALL_GATHER = 4, BROADCAST = 5 };
@@ -460,26 +545,11 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
     if (MODE == ONE_SHOT || sliced) {
       const u64_t len = piece_len(MODE == TWO_SHOT, count, slice, MODE == ONE_SHOT ? 0 : rank);
       char* dst = MODE == TWO_SHOT ? out + (u64_t)rank * slice * S : out;
-      const bool al = aligned16(dst);
-      for (u64_t o = g0; o * K < len; o += UNROLL * G) {
-        pack_t v[UNROLL][N];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
-          if ((o + u * G) * K < len)
-#pragma unroll
-            for (int r = 0; r < N; ++r) v[u][r] = pack_load_fresh(mine + r * sp + o + u * G);
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-          const u64_t ou = o + u * G;
-          if (ou * K >= len) break;
-          const pack_t red = reduce_pack<T, Op, N>(v[u]);
-          store_elems<S>(dst, ou * K, clamp_valid(len, ou * K, K), al, red);
-          if (MODE == TWO_SHOT)
-#pragma unroll
-            for (int q = 0; q < N; ++q)
-              if (q != rank) pack_store(c.stage[q] + half + (N + rank) * sp + ou, red);
-        }
-      }
+      const u64_t w = whole_packs<S>(dst, len);
+      const u64_t o = fold_range<T, Op, N, MODE == TWO_SHOT, true>(c, half, sp, dst, len, g0, w, G);
+      fold_range<T, Op, N, MODE == TWO_SHOT, false>(c, half, sp, dst, len,
+                                                    resume_at<UNROLL>(o, g0, G, w),
+                                                    packs_of<S>(len), G);
     }
     if (MODE == TWO_SHOT && barrier_mid<N>(c, k)) {
       for (int r = 0; r < N; ++r)
@@ -494,51 +564,37 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
   finish_call(c, k.epoch);
 }
 
-// LL push all-reduce for small messages. Each rank writes its packs straight into every peer's
-// LL area as lines stamped with the launch's flag, then polls only its own memory (no remote
-// reads on the critical path), clearing each line it has read. Areas are double-buffered by
-// epoch parity: no rank can be more than one launch ahead of another, because every launch waits
-// for every peer.
-template <class T, class Op, int N>
-DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u64_t sig,
-                       u64_t total, u64_t chunk) {
-  const int S = Traits<T>::S, K = 16 / S;
-  Call k;
-  k.epoch = call_epoch(c); k.sig = sig; k.count = count; k.aux = 0; k.total = total;
-  k.chunk = chunk;
-  if (already_failed(c)) { finish_call(c, k.epoch); return; }
-  const u64_t par = (k.epoch & 1u) * N;
-  const u32_t f = line_flag(k.epoch);
-  const int rank = c.rank;
-  const int t = threadIdx.x;
-  bool fail = false;
-
-  if (t < N && t != rank) announce<N, false>(c, t, k);
-  const u64_t P = (count + K - 1) / K;
-  const u64_t G = (u64_t)gridDim.x * blockDim.x;
-  const bool al_in = aligned16(in), al_out = aligned16(out);
-  for (u64_t j = (u64_t)blockIdx.x * blockDim.x + t; j < P; j += G) {
-    const pack_t own = load_elems<S>(in, j * K, clamp_valid(count, j * K, K), al_in, count);
+// This rank's packs [j, end) of the LL all-reduce -> every peer's LL area, as lines.
+template <int S, int N, bool WHOLE>
+DEV u64_t ll_send_range(const Ctx& c, u64_t par, u32_t f, const char* in, u64_t count, u64_t j,
+                        u64_t end, u64_t G) {
+  for (; j < end; j += G) {
+    const pack_t own = load_pack<S, WHOLE>(in, j, count);
     const line_t a = make_line(own.lo, own.lo >> 32, f), b = make_line(own.hi, own.hi >> 32, f);
 #pragma unroll
     for (int r = 0; r < N; ++r) {
-      if (r == rank) continue;
-      line_t* dst = c.ll[r] + (par + rank) * c.ll_src_lines + MAX_BLOCKS + 2 * j;
+      if (r == c.rank) continue;
+      line_t* dst = c.ll[r] + (par + c.rank) * c.ll_src_lines + MAX_BLOCKS + 2 * j;
       line_store(dst, a);
       line_store(dst + 1, b);
     }
   }
-  // The header: the peer's signature, so a peer in a different call is a MismatchError; it also
-  // keeps a block with no data of its own (count 0) from running ahead of its peers.
-  if (t < N && t != rank) fail = !take_header<N>(c, k, t, AT_LL_HEADER);
-  for (u64_t j = (u64_t)blockIdx.x * blockDim.x + t; j < P && !fail; j += G) {
-    const int valid = clamp_valid(count, j * K, K);
+  return j;
+}
+
+// Packs [j, end): wait (bounded) for every peer's lines in this rank's LL area, consume them, fold
+// with this rank's own pack -> out. Sets fail and stops when this rank must stop.
+template <class T, class Op, int N, bool WHOLE>
+DEV u64_t ll_fold_range(const Ctx& c, const Call& k, u64_t par, u32_t f, const char* in, char* out,
+                        u64_t count, u64_t j, u64_t end, u64_t G, bool& fail) {
+  const int S = Traits<T>::S;
+  for (; j < end && !fail; j += G) {
     pack_t v[N];
 #pragma unroll
     for (int r = 0; r < N; ++r) {
       if (fail) break;
-      if (r == rank) { v[r] = load_elems<S>(in, j * K, valid, al_in, count); continue; }
-      line_t* src = c.ll[rank] + (par + r) * c.ll_src_lines + MAX_BLOCKS + 2 * j;
+      if (r == c.rank) { v[r] = load_pack<S, WHOLE>(in, j, count); continue; }
+      line_t* src = c.ll[c.rank] + (par + r) * c.ll_src_lines + MAX_BLOCKS + 2 * j;
       Waiter w;
       line_t a, b;
       for (;;) {
@@ -553,8 +609,41 @@ DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u64
       v[r].lo = (u64_t)a.d0 | ((u64_t)a.d1 << 32);
       v[r].hi = (u64_t)b.d0 | ((u64_t)b.d1 << 32);
     }
-    if (!fail) store_elems<S>(out, j * K, valid, al_out, reduce_pack<T, Op, N>(v));
+    if (!fail) store_pack<S, WHOLE>(out, j, count, reduce_pack<T, Op, N>(v));
   }
+  return j;
+}
+
+// LL push all-reduce for small messages. Each rank writes its packs straight into every peer's
+// LL area as lines stamped with the launch's flag, then polls only its own memory (no remote
+// reads on the critical path), clearing each line it has read. Areas are double-buffered by
+// epoch parity: no rank can be more than one launch ahead of another, because every launch waits
+// for every peer.
+template <class T, class Op, int N>
+DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u64_t sig,
+                       u64_t total, u64_t chunk) {
+  const int S = Traits<T>::S;
+  Call k;
+  k.epoch = call_epoch(c); k.sig = sig; k.count = count; k.aux = 0; k.total = total;
+  k.chunk = chunk;
+  if (already_failed(c)) { finish_call(c, k.epoch); return; }
+  const u64_t par = (k.epoch & 1u) * N;
+  const u32_t f = line_flag(k.epoch);
+  const int rank = c.rank;
+  const int t = threadIdx.x;
+  bool fail = false;
+
+  if (t < N && t != rank) announce<N, false>(c, t, k);
+  const u64_t P = packs_of<S>(count);
+  const u64_t g0 = (u64_t)blockIdx.x * blockDim.x + t, G = (u64_t)gridDim.x * blockDim.x;
+  const u64_t w_in = whole_packs<S>(in, count), w = aligned16(out) ? w_in : 0;
+  u64_t j = ll_send_range<S, N, true>(c, par, f, in, count, g0, w_in, G);
+  ll_send_range<S, N, false>(c, par, f, in, count, j, P, G);
+  // The header: the peer's signature, so a peer in a different call is a MismatchError; it also
+  // keeps a block with no data of its own (count 0) from running ahead of its peers.
+  if (t < N && t != rank) fail = !take_header<N>(c, k, t, AT_LL_HEADER);
+  j = ll_fold_range<T, Op, N, true>(c, k, par, f, in, out, count, g0, w, G, fail);
+  ll_fold_range<T, Op, N, false>(c, k, par, f, in, out, count, j, P, G, fail);
   finish_call(c, k.epoch);
 }
 

@@ -1,6 +1,7 @@
 """Same-process A/B of two versions of the library's kernels: graph-replay time per all_reduce.
 
-    python bench/ab_kernels.py OLD_PACKAGE_DIR [--world 1|2] [--aligned-only] [--out FILE.json]
+    python bench/ab_kernels.py OLD_PACKAGE_DIR [--world 1|2] [--aligned-only] [--repeats N]
+                               [--out FILE.json]
 
 OLD_PACKAGE_DIR holds an earlier version of the package renamed ``detar_old`` (``git archive
 <commit> detar_cupy`` with every ``detar_cupy`` replaced by ``detar_old``). Both versions build a
@@ -15,9 +16,13 @@ one element into their buffer (``x[1:]``: the old kernels went element by elemen
 use 16-byte loads but for the first and last packs) at 1 MiB and 64 MiB (left out with
 ``--aligned-only``).
 
-The method has a small bias of its own: an A/A run (the current package against an identical
-copy) gives "new" 0.2-1.3 % slower at 1 KiB on an H200, geometric mean 1.001-1.002 (bench/NOTES.md
-v6 kernels); differences of that size are not the kernels'.
+The order in which the versions are built and timed biases a single run by about 0.7 % at 1 KiB
+on an H200 (an A/A run, the current package against an identical copy: 1.007 with the copy built
+first, 0.992 with the current package first), so every row is measured in both orders and reports
+their geometric mean (A/A: 1.000; ``--repeats`` sets the timed repeats per order). One version's
+presence in the process can also slow the other's kernels: the current kernels lose 0.08 us per
+1 KiB call next to a811349's, and nothing next to a copy of their own (bench/NOTES.md, v6 kernels);
+when a ratio looks large, time each version alone in its own process too.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ def _cases(aligned_only: bool = False):
             yield "float16", "sum", alg, nbytes, 1
 
 
-def measure(comms: dict, sync, aligned_only: bool = False) -> list[dict]:
+def measure(comms: dict, sync, aligned_only: bool = False, repeats: int = REPEATS) -> list[dict]:
     """Rows {case, version: us} for every case, the versions timed alternately."""
     import cupy as cp
 
@@ -79,7 +84,7 @@ def measure(comms: dict, sync, aligned_only: bool = False) -> list[dict]:
         row = {"dtype": name, "op": op, "algorithm": alg, "bytes": nbytes,
                "offset_elements": offset}
         times = {v: [] for v in comms}
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             for version, comm in comms.items():
                 if alg == "ll" and nbytes > LL_BYTES:
                     continue
@@ -93,19 +98,52 @@ def measure(comms: dict, sync, aligned_only: bool = False) -> list[dict]:
     return rows
 
 
-def _rank(comm, old_dir: str, aligned_only: bool):
+ORDERS = ("old_first", "new_first")
+
+
+def _both_orders(make: dict, sync, aligned_only: bool, repeats: int) -> list[dict]:
+    """measure() twice: communicators built (and timed) old first, then new first. The rows'
+    times are the geometric means of the two orders, so the order's own bias (see above) enters
+    both versions alike; each row keeps its per-order times under "orders"."""
+    by_order = {}
+    for order in ORDERS:
+        comms = {}
+        try:
+            for version in (("old", "new") if order == "old_first" else ("new", "old")):
+                comms[version] = make[version]()
+            by_order[order] = measure(comms, sync, aligned_only, repeats)
+        finally:
+            for comm in comms.values():
+                comm.close()
+    rows = []
+    for per_order in zip(*(by_order[o] for o in ORDERS)):
+        row = {k: v for k, v in per_order[0].items() if k not in ("old", "new")}
+        for version in ("old", "new"):
+            times = [r[version] for r in per_order]
+            row[version] = statistics.geometric_mean(times) if all(times) else None
+        row["orders"] = {o: {"old": r["old"], "new": r["new"]} for o, r in zip(ORDERS, per_order)}
+        rows.append(row)
+    return rows
+
+
+def _rank(comm, old_dir: str, aligned_only: bool, repeats: int):
     sys.path.insert(0, old_dir)
     import detar_old
 
-    from gpu_reliability import free_ports  # noqa: F401  (tests dir on the path: a free port)
+    import detar_cupy
+    from gpu_reliability import free_ports  # the tests directory is on the path
 
-    port = comm.exchange(free_ports(1)[0] if comm.rank == 0 else None)[0]
-    old = detar_old.init_process_group(comm.world_size, comm.rank, port=port,
-                                       device=comm.device.id, timeout=60)
-    try:
-        return measure({"old": old, "new": comm}, lambda: comm.exchange(None), aligned_only)
-    finally:
-        old.close()
+    def group(package):
+        port = comm.exchange(free_ports(1)[0] if comm.rank == 0 else None)[0]
+        return package.init_process_group(comm.world_size, comm.rank, port=port,
+                                          device=comm.device.id, timeout=60)
+
+    return _both_orders({"old": lambda: group(detar_old), "new": lambda: group(detar_cupy)},
+                        lambda: comm.exchange(None), aligned_only, repeats)
+
+
+def _ratio(r: dict) -> float:
+    return r["new"] / r["old"] if r.get("old") and r.get("new") else float("nan")
 
 
 def main() -> None:
@@ -114,6 +152,8 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--aligned-only", action="store_true",
                         help="leave out the rows of buffers that start one element in")
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help="timed repeats per row and version (the minimum is kept)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     started = time.time()
@@ -123,24 +163,29 @@ def main() -> None:
 
         import detar_cupy
 
-        comms = {"old": _world_one(detar_old), "new": _world_one(detar_cupy)}
-        rows = measure(comms, lambda: None, args.aligned_only)
+        rows = _both_orders({"old": lambda: _world_one(detar_old),
+                             "new": lambda: _world_one(detar_cupy)}, lambda: None,
+                            args.aligned_only, args.repeats)
     else:
         import detar_cupy
 
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         rows = detar_cupy.spawn(_rank, args.world, args=(os.path.abspath(args.old_dir),
-                                                           args.aligned_only))[0]
+                                                           args.aligned_only, args.repeats))[0]
     print(f"{'dtype':8} {'op':5} {'algorithm':9} {'bytes':>9} {'off':>3} {'old us':>8} "
-          f"{'new us':>8} {'new/old':>7}")
+          f"{'new us':>8} {'new/old':>7} {'old 1st':>7} {'new 1st':>7}")
     for r in rows:
-        ratio = r["new"] / r["old"] if r.get("old") and r.get("new") else float("nan")
         print(f"{r['dtype']:8} {r['op']:5} {r['algorithm']:9} {r['bytes']:9d} "
               f"{r['offset_elements']:3d} {r['old'] or float('nan'):8.2f} "
-              f"{r['new'] or float('nan'):8.2f} {ratio:7.3f}")
-    print(f"geometric mean new/old over aligned rows: "
-          f"{statistics.geometric_mean([r['new'] / r['old'] for r in rows if r['old'] and r['new'] and not r['offset_elements']]):.3f}"
-          f" ({time.time() - started:.0f} s)")
+              f"{r['new'] or float('nan'):8.2f} {_ratio(r):7.3f} "
+              f"{_ratio(r['orders']['old_first']):7.3f} {_ratio(r['orders']['new_first']):7.3f}")
+    aligned = [r for r in rows if r["old"] and r["new"] and not r["offset_elements"]]
+    print("geometric mean new/old over aligned rows: "
+          + ", ".join(f"{name} {statistics.geometric_mean([_ratio(pick(r)) for r in aligned]):.3f}"
+                      for name, pick in (("both orders", lambda r: r),
+                                         ("old built first", lambda r: r["orders"]["old_first"]),
+                                         ("new built first", lambda r: r["orders"]["new_first"])))
+          + f" ({time.time() - started:.0f} s)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"world": args.world, "rows": rows}, f, indent=1)

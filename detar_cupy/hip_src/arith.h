@@ -134,11 +134,11 @@ template <> struct Lane<16> {
 
 // Traits<T>: storage type T -> accumulator type A of the contract, and back.
 template <class T> struct Traits;
-// store() is where every NaN result becomes the canonical NaN of the output type.
+// store() is where every NaN result becomes the canonical NaN of the output type; float16
+// results are stored a pack at a time (StorePack<half_t>).
 template <> struct Traits<half_t> {
   static const int S = 2; typedef float acc_t;
   DEV static float load(u64_t b) { return h2f((u16_t)b); }  // never subnormal as a float32
-  DEV static u64_t store(float a) { return is_nan(a) ? DETAR_NAN_F16 : f2h(a); }
 };
 template <> struct Traits<bf16_t> {
   static const int S = 2; typedef float acc_t;
@@ -186,19 +186,61 @@ template <> struct Traits<u16_t> : IntTraits<u16_t, 2> {};
 template <> struct Traits<u32_t> : IntTraits<u32_t, 4> {};
 template <> struct Traits<u64_t> : IntTraits<u64_t, 8> {};
 
+// A pack of results (each the op's finish, in the accumulator type): every lane through
+// Traits<T>::store.
+template <class T> struct StorePack {
+  typedef Traits<T> Tr;
+  typedef Lane<Tr::S> L;
+  DEV static pack_t of(const typename Tr::acc_t (&a)[L::K]) {
+    pack_t out;
+    out.lo = 0; out.hi = 0;
+#pragma unroll
+    for (int k = 0; k < L::K; ++k) L::set(out, k, Tr::store(a[k]));
+    return out;
+  }
+};
+// float16: lanes converted in pairs straight into 32-bit words (NVRTC makes each pair one
+// packed conversion on sm_90), and the NaN test once per pack on the stored bits, where a test
+// per lane took more (bench/NOTES.md, v6 kernels). The conversion keeps a NaN a NaN; adding
+// 0x03ff to a lane's magnitude sets its bit 15 exactly when it exceeds infinity's 0x7c00 and
+// never carries into the next lane (at most 0x7fff + 0x03ff = 0x83fe).
+DEV u32_t f16x2_nan_bits(u32_t w) { return ((w & 0x7fff7fffu) + 0x03ff03ffu) & 0x80008000u; }
+template <> struct StorePack<half_t> {
+  DEV static pack_t of(const float (&a)[8]) {
+    u32_t w[4];
+    u32_t nan = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = (u32_t)f2h(a[2 * i]) | ((u32_t)f2h(a[2 * i + 1]) << 16);
+      nan |= f16x2_nan_bits(w[i]);
+    }
+    if (nan != 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const u32_t t = f16x2_nan_bits(w[i]);
+        const u32_t m = t | (t - (t >> 15));  // 0xffff in every NaN lane (0x8000 - 1: no borrow)
+        w[i] = (w[i] & ~m) | ((DETAR_NAN_F16 * 0x00010001u) & m);
+      }
+    }
+    pack_t out;
+    out.lo = (u64_t)w[0] | ((u64_t)w[1] << 32);
+    out.hi = (u64_t)w[2] | ((u64_t)w[3] << 32);
+    return out;
+  }
+};
+
 // The fold of the contract over one pack: left to right in rank order 0..N-1, every lane.
 // All N packs are loaded by the caller before the first use, so the loads overlap.
 template <class T, class Op, int N> DEV pack_t reduce_pack(const pack_t (&v)[N]) {
   typedef Traits<T> Tr;
   typedef Lane<Tr::S> L;
-  pack_t out;
-  out.lo = 0; out.hi = 0;
+  typename Tr::acc_t r[L::K];
 #pragma unroll
   for (int k = 0; k < L::K; ++k) {
     typename Tr::acc_t a = Tr::load(L::get(v[0], k));
 #pragma unroll
     for (int s = 1; s < N; ++s) a = Op::apply(a, Tr::load(L::get(v[s], k)));
-    L::set(out, k, Tr::store(Op::finish(a, N)));
+    r[k] = Op::finish(a, N);
   }
-  return out;
+  return StorePack<T>::of(r);
 }

@@ -344,7 +344,7 @@ DEV u64_t piece_len(bool two_shot, u64_t count, u64_t slice, int s) {
 
 #define UNROLL 2
 
-// ---- the data loops: whole packs first -----------------------------------------------------------
+// ---- the data loops: whole packs first ----------------------------------------------------------
 // Thread g of the grid handles packs g, g + G, g + 2G, ... of a piece in every loop of a launch
 // (the aliasing argument above the collectives rests on it). Each loop runs over two ranges,
 // decided once per launch: packs [0, W) are whole and 16-byte aligned (W = whole_packs: all of

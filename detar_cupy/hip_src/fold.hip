@@ -96,11 +96,10 @@ template <class T, class Op> struct Folder {
     for (int r = 0; r < R; ++r) pack_store(dst + r, q[r]);
   }
   DEV pack_t result(int n) const {  // the op's finish, then one rounding to T
-    pack_t out;
-    out.lo = 0; out.hi = 0;
+    A r[K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) L::set(out, k, Tr::store(Op::finish(acc[k], n)));
-    return out;
+    for (int k = 0; k < K; ++k) r[k] = Op::finish(acc[k], n);
+    return StorePack<T>::of(r);
   }
 };
 

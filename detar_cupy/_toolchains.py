@@ -29,10 +29,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -268,13 +270,16 @@ def nvrtc_compile(source: str, arch: str, options: Sequence[str] = ()) -> str:
 
 
 # The oldest NVRTC CuPy users compile with: CUDA 12.0 (cupy-cuda12x), from the
-# ``nvidia-cuda-nvrtc-cu12`` wheel the test extra pins, loaded directly through ctypes beside the
-# NVRTC 13 that cuda-bindings uses. Older NVRTCs lack front-end features newer ones have
-# (``__builtin_offsetof`` arrived after 13.0; ``-fdevice-syntax-only`` after 12.0), so the
-# matrix generates code with it too.
+# ``nvidia-cuda-nvrtc-cu12`` wheel the test extra pins, loaded directly through ctypes. Older
+# NVRTCs lack front-end features newer ones have (``__builtin_offsetof`` arrived after 13.0;
+# ``-fdevice-syntax-only`` after 12.0), so the matrix generates code with it too.
+# It is only ever loaded in a child process of its own: loaded into a process before the NVRTC 13
+# of cuda-bindings has compiled there, it breaks that NVRTC, which then rejects options it knows
+# ("unrecognized option -fdevice-syntax-only"); a matrix worker whose first job was the legacy
+# one failed its later syntax jobs.
 
-@functools.lru_cache(maxsize=None)
-def _legacy_nvrtc() -> tuple[ctypes.CDLL, str] | None:
+def _legacy_nvrtc_lib() -> str | None:
+    """Where the CUDA 12 NVRTC library is (found, not loaded)."""
     try:
         import nvidia.cuda_nvrtc  # noqa: PLC0415  (optional: the cu12 wheel)
     except ImportError:
@@ -282,33 +287,73 @@ def _legacy_nvrtc() -> tuple[ctypes.CDLL, str] | None:
     for root in getattr(nvidia.cuda_nvrtc, "__path__", ()):
         lib = os.path.join(root, "lib", "libnvrtc.so.12")
         if os.path.exists(lib):
-            # libnvrtc opens its builtins library by name at compile time: load it first
-            for builtins in sorted(glob.glob(os.path.join(root, "lib", "libnvrtc-builtins.so.12*"))):
-                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
-            return ctypes.CDLL(lib), lib
+            return lib
     return None
 
 
+def _in_legacy_child(request: dict) -> dict:
+    """_legacy_nvrtc_child's answer to ``request``, from a fresh Python process."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_parent,
+                                                       os.environ.get("PYTHONPATH")]))}
+    child = subprocess.run(
+        [sys.executable, "-c", f"import {__name__} as t; t._legacy_nvrtc_child()"],
+        input=json.dumps(request), capture_output=True, text=True, env=env, check=False)
+    try:
+        return json.loads(child.stdout)
+    except ValueError:
+        return {"error": f"the NVRTC 12 process failed (exit {child.returncode}):\n"
+                         f"{child.stderr[-4000:]}"}
+
+
+@functools.lru_cache(maxsize=None)
 def legacy_nvrtc_available() -> Availability:
-    """Whether the CUDA 12.0 NVRTC wheel (``nvidia-cuda-nvrtc-cu12``) is installed."""
-    found = _legacy_nvrtc()
-    if found is None:
+    """Whether the CUDA 12.0 NVRTC wheel (``nvidia-cuda-nvrtc-cu12``) is installed and loads."""
+    lib = _legacy_nvrtc_lib()
+    if lib is None:
         return Availability(False, "nvidia-cuda-nvrtc-cu12 not installed (the 'test' extra)")
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    found[0].nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    return Availability(True, detail=f"NVRTC {major.value}.{minor.value} ({found[1]})")
+    out = _in_legacy_child({"version": True})
+    if "error" in out:
+        return Availability(False, out["error"])
+    return Availability(True, detail=f"NVRTC {out['version']} ({lib})")
 
 
 def legacy_nvrtc_compile(source: str, options: Sequence[str]) -> str:
-    """PTX of ``source`` from the CUDA 12 NVRTC with exactly ``options``; CompileError with the
-    log on failure."""
-    found = _legacy_nvrtc()
-    if found is None:
+    """PTX of ``source`` from the CUDA 12 NVRTC with exactly ``options`` (in a child process);
+    CompileError with the log on failure."""
+    if _legacy_nvrtc_lib() is None:
         raise CompileError("NVRTC 12", "", options, "nvidia-cuda-nvrtc-cu12 not installed")
-    lib = found[0]
+    out = _in_legacy_child({"source": source, "options": list(options)})
+    if "error" in out:
+        raise CompileError("NVRTC 12", "", options, out["error"])
+    return out["ptx"]
+
+
+def _legacy_nvrtc_child() -> None:
+    """The child of _in_legacy_child: a request on stdin ({"version": true}, or {"source",
+    "options"}), the answer on stdout ({"version": "12.0"}, {"ptx"} or {"error": the log})."""
+    request = json.load(sys.stdin)
+    lib_path = _legacy_nvrtc_lib()
+    if lib_path is None:
+        json.dump({"error": "nvidia-cuda-nvrtc-cu12 not installed"}, sys.stdout)
+        return
+    # libnvrtc opens its builtins library by name at compile time: load it first
+    for builtins in sorted(glob.glob(os.path.join(os.path.dirname(lib_path),
+                                                  "libnvrtc-builtins.so.12*"))):
+        ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(lib_path)
+    if request.get("version"):
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+        json.dump({"version": f"{major.value}.{minor.value}"}, sys.stdout)
+        return
+    options = request["options"]
     prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"detar.cu", 0, None, None):
-        raise CompileError("NVRTC 12", "", options, "nvrtcCreateProgram failed")
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), request["source"].encode(), b"detar.cu", 0,
+                              None, None):
+        json.dump({"error": "nvrtcCreateProgram failed"}, sys.stdout)
+        return
     try:
         opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
         res = lib.nvrtcCompileProgram(prog, len(options), opts)
@@ -317,11 +362,12 @@ def legacy_nvrtc_compile(source: str, options: Sequence[str]) -> str:
         log = ctypes.create_string_buffer(n.value)
         lib.nvrtcGetProgramLog(prog, log)
         if res:
-            raise CompileError("NVRTC 12", "", options, log.value.decode(errors="replace"))
+            json.dump({"error": log.value.decode(errors="replace")}, sys.stdout)
+            return
         lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
         ptx = ctypes.create_string_buffer(n.value)
         lib.nvrtcGetPTX(prog, ptx)
-        return ptx.value.decode()
+        json.dump({"ptx": ptx.value.decode()}, sys.stdout)
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -542,6 +544,29 @@ def test_matrix_legacy_nvrtc(matrix):
     assert sum(r.modules for r in rs) == len(cubin_sample())
     bad = [r for r in rs if r.bad]
     assert not bad, f"ISA check failures with NVRTC 12.0:\n{_violations(bad)}"
+
+
+_LEGACY_THEN_NVRTC13 = """
+from detar_cupy import _kernels as K, _toolchains as T
+src = K.render([K.ModuleKey("int8", 1)])
+opts = T.cupy_options("cuda", 13, K.compile_options("cuda"), "sm_90", include_dir=%r)
+assert T.legacy_nvrtc_available(), T.legacy_nvrtc_available().reason
+T.legacy_nvrtc_compile(src, opts)
+T.nvrtc_syntax_check(src, opts)  # NVRTC 13's first use in this process
+print("ok")
+"""
+
+
+def test_legacy_nvrtc_leaves_nvrtc13_working():
+    """The CUDA 12.0 NVRTC and the NVRTC 13 share no process: a fresh process (a matrix
+    worker) that runs a legacy job first can still use NVRTC 13 afterwards. Loading NVRTC 12 in
+    the process made NVRTC 13 reject -fdevice-syntax-only as an unrecognized option."""
+    _need(T.nvrtc_available(), "nvrtc")
+    _need(T.legacy_nvrtc_available(), "legacy nvrtc")
+    with tempfile.TemporaryDirectory() as include:
+        child = subprocess.run([sys.executable, "-c", _LEGACY_THEN_NVRTC13 % include],
+                               capture_output=True, text=True, timeout=600, check=False)
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-3000:]
 
 
 @pytest.mark.parametrize("platform", ["cuda", "hip"])

@@ -41,9 +41,11 @@ runs, and in-place calls alias input and output; the non-coherent path may serve
 float32 arithmetic (the contract: IEEE rounding, then the flush in software, whatever the
 compiler's denormal flags):
 
-- PTX: no flushing or approximate float32 arithmetic in any kernel (``add``/``sub``/``mul``/
-  ``div``/``fma``/``mad`` with ``.ftz`` on ``.f32``, ``div.approx``/``div.full``): CuPy's
-  ``-ftz=true`` would otherwise flush results that IEEE rounds up to FLT_MIN.
+- PTX: no flushing or approximate float32 multiply or divide in any kernel (``mul``/``div``/
+  ``fma``/``mad`` with ``.ftz`` on ``.f32``, ``div.approx``/``div.full``): it would flush results
+  that IEEE rounds up to FLT_MIN. ``add``/``sub`` with ``.ftz`` are allowed: the kernels flush
+  with them on purpose, since an add of non-subnormal values never rounds into that gap
+  (portability.h).
 - AMDGPU: every prod/avg kernel of a float32-accumulating dtype (float16, bfloat16, float32,
   complex64) multiplies/divides on the exact float64 path (``v_mul_f64`` or
   ``v_div_scale_f64``; an avg by a power of two is an exact f64 multiply), since the f32
@@ -174,7 +176,7 @@ _PTX_SYS_FENCE = re.compile(r"^(?:fence\.(?:sc|acq_rel)\.sys|membar\.sys)\b")
 _PTX_VEC_LOAD = re.compile(r"^ld\.(?:[\w]+\.)*?(?:v4\.[busf]32|v2\.[busf]64)\b")
 _PTX_NOT_MEMORY = re.compile(r"\.(?:param|local|shared|const)\.")
 _PTX_NC_LOAD = re.compile(r"^ld\.global(?:\.[\w:]+?)*?\.nc\b")
-_PTX_FTZ_F32 = re.compile(r"^(?:add|sub|mul|div|fma|mad)(?:\.\w+)*\.ftz(?:\.\w+)*\.f32$"
+_PTX_FTZ_F32 = re.compile(r"^(?:mul|div|fma|mad)(?:\.\w+)*\.ftz(?:\.\w+)*\.f32$"
                           r"|^div\.(?:approx|full)(?:\.\w+)*\.f32$")
 _PTX_LINE_32 = re.compile(r"^(?:ld|st)\.volatile\.global\.v4\.[bus]32$")
 _PTX_LINE_64 = re.compile(r"^(ld|st)\.volatile\.global\.v2\.[bu]64$")
@@ -209,8 +211,8 @@ def check_ptx_kernel(name: str, body: str) -> KernelReport:
             rep.violations.append(f"non-coherent load (peers write staging during the kernel, "
                                   f"in-place calls alias in and out): {ins}")
         if _PTX_FTZ_F32.match(op):
-            rep.violations.append(f"flushing/approximate float32 arithmetic (results IEEE rounds "
-                                  f"up to FLT_MIN would become 0): {ins}")
+            rep.violations.append(f"flushing/approximate float32 multiply or divide (results "
+                                  f"IEEE rounds up to FLT_MIN would become 0): {ins}")
         if _PTX_LINE_32.match(op):
             rep.violations.append(f"LL line access with 32-bit elements (a {{data, flag}} half "
                                   f"is then not single-copy atomic): {ins}")

@@ -621,10 +621,10 @@ def _weakened_kernels(which: str, arch: str) -> list[str]:
     names = [n for k in WEAKEN_KEYS for n in K.kernel_names(K.ModuleKey(*k))]
     if which in ("flag_scope", "wave_release"):
         return [n for n in names if I.barriers_in(n)]
-    if which == "ftz":  # PTX: every float32 op flushes; AMD: the f64 path of prod/avg is gone
-        if _platform(arch) == "cuda":
-            return [n for n in names if n.split("_")[1] in I.F32_ACC_DTYPES
-                    and n.split("_")[2] in ("sum", "prod", "avg")]
+    if which == "ftz":  # PTX: float32 mul/div flush; AMD: the f64 path of prod/avg is gone
+        if _platform(arch) == "cuda":  # inline PTX: avg's division by 1 at N = 1 is there too
+            return [n for n in names if I.uses_f32_mul_or_div(n) or (
+                n.split("_")[1] in I.F32_ACC_DTYPES and n.split("_")[2] == "avg")]
         return [n for n in names if I.uses_f32_mul_or_div(n)]
     if which == "ll_lines":
         return [n for n in names if I.uses_lines(n)]

@@ -55,17 +55,22 @@ DEV double f64_from(u64_t u) { return __longlong_as_double((long long)u); }
 
 // ---- float32 arithmetic of the contract -------------------------------------------------------
 // Each operation rounds to nearest even as IEEE 754 says, THEN a subnormal result is flushed to a
-// zero of the same sign (the contract's denormal policy, DESIGN.md section 1). The bits must not depend
-// on the compiler's denormal flags, which CuPy always adds (-ftz=true on CUDA,
+// zero of the same sign (the contract's denormal policy, DESIGN.md section 1). The bits must not
+// depend on the compiler's denormal flags, which CuPy always adds (-ftz=true on CUDA,
 // -fcuda-flush-denormals-to-zero on HIP): a flushing multiply or divide tests tininess before
 // rounding, so an exact result in [FLT_MIN - 2^-150, FLT_MIN), which IEEE rounds UP to FLT_MIN,
 // comes out as 0 (0x3F7FFFFF * 0x00800000 gave 0 on an H200 with CuPy's flags). Inputs are
 // always normal, zero, inf or NaN (flushed on entry), so only results matter.
+// Sums and differences never round into that gap: when the exact sum of two such inputs is below
+// FLT_MIN it is a multiple of 2^-149 below 2^-126, so exactly representable, and a flushing add
+// gives the same signed zero as the exact add followed by the flush.
+#if DETAR_HIP
+// Flush on the bits: LLVM may fold any floating-point identity (x + -0.0 -> x) whatever the
+// denormal mode, so no arithmetic instruction can be relied on to flush.
 DEV float f32_flush(float x) {
   const u32_t u = f32_bits(x);
   return (u & 0x7f800000u) ? x : f32_from(u & 0x80000000u);
 }
-#if DETAR_HIP
 // AMD: the flag makes every f32 instruction of the kernel flush, and no per-instruction override
 // exists. So products and quotients are formed in double, which keeps subnormals (the flag is
 // about f32 only): a*b of two floats is exact in double (24 + 24 <= 53 bits), and a/b rounded to
@@ -75,9 +80,6 @@ DEV float f32_flush(float x) {
 // (a normal result cannot be flushed), below it by hand: the exact value rounds to FLT_MIN iff
 // it is at least FLT_MIN - 2^-150 (the midpoint, which ties to FLT_MIN's even significand),
 // else to a subnormal, which the policy flushes to a signed zero.
-// Sums and differences need no detour: when the exact sum of two such inputs is below FLT_MIN it
-// is a multiple of 2^-149 below 2^-126, so exactly representable; the hardware then flushes it
-// to the same signed zero as f32_flush, and results at or above FLT_MIN are not flushed.
 DEV float f32_round_flush(double d) {
   const u64_t u = f64_bits(d);
   const double mag = f64_from(u & 0x7fffffffffffffffull);
@@ -95,28 +97,42 @@ DEV float f32_div_flush(float a, float b) { return f32_flush(a / b); }
 DEV float f32_mul_flush(float a, float b) { return f32_round_flush((double)a * (double)b); }
 DEV float f32_div_flush(float a, float b) { return f32_round_flush((double)a / (double)b); }
 #endif
+// The hardware add flushes or not; either way the bits flush leaves the same signed zero.
 DEV float f32_add_flush(float a, float b) { return f32_flush(a + b); }
 DEV float f32_sub_flush(float a, float b) { return f32_flush(a - b); }
 #else
-// NVIDIA: PTX's .rn arithmetic without .ftz is IEEE round-to-nearest-even with subnormal
-// results (PTX ISA, "Floating Point Instructions": subnormals are supported unless .ftz is
-// given); inline PTX also keeps the compiler from contracting a*b+c into an FMA.
+// NVIDIA: inline PTX, whose rounding and flushing are what the instruction says whatever the
+// compiler's flags (PTX ISA, "Floating Point Instructions": .rn rounds to nearest even; without
+// .ftz subnormal inputs and results are kept, with .ftz they become sign-preserving zeros); it
+// also keeps the compiler from contracting a*b+c into an FMA.
+// The flush is add.rn.ftz x + (-0.0): one instruction (the bit test takes three); it leaves
+// every normal, zero (-0 + -0 = -0), inf and NaN as NaN, and turns a subnormal into the zero of
+// its sign. Sums and differences flush in the same instruction (see above: add.rn.ftz of
+// non-subnormal inputs gives the bits of add.rn followed by the flush). Products and quotients
+// round without .ftz, then flush.
+DEV float f32_flush(float x) {
+  float r;
+  asm("add.rn.ftz.f32 %0, %1, 0f80000000;" : "=f"(r) : "f"(x));
+  return r;
+}
 #if DETAR_WEAKEN_FTZ
 #define DETAR_F32_FTZ ".ftz"  // test-only: the flushing variant the ISA checks must catch
 #else
 #define DETAR_F32_FTZ ""
 #endif
-#define DETAR_F32_OP(NAME, OP)                                                             \
+#define DETAR_F32_OP(NAME, OP, FTZ)                                                        \
   DEV float NAME(float a, float b) {                                                       \
     float r;                                                                               \
-    asm(OP ".rn" DETAR_F32_FTZ ".f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));             \
-    return f32_flush(r);                                                                   \
+    asm(OP ".rn" FTZ ".f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));                       \
+    return r;                                                                              \
   }
-DETAR_F32_OP(f32_add_flush, "add")
-DETAR_F32_OP(f32_sub_flush, "sub")
-DETAR_F32_OP(f32_mul_flush, "mul")
-DETAR_F32_OP(f32_div_flush, "div")
+DETAR_F32_OP(f32_add_flush, "add", ".ftz")
+DETAR_F32_OP(f32_sub_flush, "sub", ".ftz")
+DETAR_F32_OP(f32_mul_round, "mul", DETAR_F32_FTZ)
+DETAR_F32_OP(f32_div_round, "div", DETAR_F32_FTZ)
 #undef DETAR_F32_OP
+DEV float f32_mul_flush(float a, float b) { return f32_flush(f32_mul_round(a, b)); }
+DEV float f32_div_flush(float a, float b) { return f32_flush(f32_div_round(a, b)); }
 #endif
 
 // The one quiet NaN per type that every NaN result becomes (the contract: NaN results have one

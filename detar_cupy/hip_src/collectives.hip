@@ -318,18 +318,6 @@ COLD void store_bytes(char* p, int n, pack_t v) {
   }
 }
 
-// Elements [first, first + valid) of the piece base[0, len) as one pack (lanes past valid are
-// zero). Whole packs of a 16-byte aligned piece take one 16-byte access.
-template <int S> DEV pack_t load_elems(const char* base, u64_t first, int valid, bool aligned,
-                                       u64_t len) {
-  if (aligned && valid == 16 / S) return pack_load(reinterpret_cast<const pack_t*>(base + first * S));
-  return load_bytes(base + first * S, valid * S, base, base + len * S);
-}
-template <int S> DEV void store_elems(char* base, u64_t first, int valid, bool aligned, pack_t p) {
-  if (aligned && valid == 16 / S) { pack_store(reinterpret_cast<pack_t*>(base + first * S), p); return; }
-  store_bytes(base + first * S, valid * S, p);
-}
-
 DEV int clamp_valid(u64_t len, u64_t first, int K) {
   return first >= len ? 0 : (len - first < (u64_t)K ? (int)(len - first) : K);
 }
@@ -432,7 +420,7 @@ DEV void push(const Ctx& c, u64_t half, const char* src, u64_t len, u64_t slot, 
 // pushing slice after slice instead makes all ranks store into the same receiver, whose links
 // become the bottleneck while the others idle.
 template <int S, int N, bool WHOLE>
-DEV u64_t push_slices_range(const Ctx& c, u64_t half, const char* in, u64_t in_stride,
+DEV u64_t push_slices_range(const Ctx& c, u64_t half, const char* const (&src)[N],
                             const u64_t (&len)[N], u64_t slot, u64_t o, u64_t end, u64_t G) {
   const int K = 16 / S;
   for (; o < end; o += G) {
@@ -440,7 +428,7 @@ DEV u64_t push_slices_range(const Ctx& c, u64_t half, const char* in, u64_t in_s
 #pragma unroll
     for (int q = 0; q < N; ++q) {
       v[q].lo = 0; v[q].hi = 0;
-      if (o * K < len[q]) v[q] = load_pack<S, WHOLE>(in + (u64_t)q * in_stride * S, o, len[q]);
+      if (o * K < len[q]) v[q] = load_pack<S, WHOLE>(src[q], o, len[q]);
     }
 #pragma unroll
     for (int q = 0; q < N; ++q)
@@ -454,16 +442,18 @@ template <int S, int N>
 DEV void push_slices(const Ctx& c, u64_t half, const char* in, u64_t in_stride, bool two_shot,
                      u64_t count, u64_t slice, u64_t slot, u64_t sp, u64_t g0, u64_t G) {
   const int K = 16 / S;
+  const char* src[N];
   u64_t len[N];
   u64_t w = sp;
 #pragma unroll
   for (int q = 0; q < N; ++q) {
+    src[q] = in + (u64_t)q * in_stride * S;
     len[q] = piece_len(two_shot, count, slice, q);
-    const u64_t wq = !aligned16(in + (u64_t)q * in_stride * S) ? 0 : len[q] % K ? len[q] / K : sp;
+    const u64_t wq = !aligned16(src[q]) ? 0 : len[q] % K ? len[q] / K : sp;
     if (wq < w) w = wq;
   }
-  const u64_t o = push_slices_range<S, N, true>(c, half, in, in_stride, len, slot, g0, w, G);
-  push_slices_range<S, N, false>(c, half, in, in_stride, len, slot, o, sp, G);
+  const u64_t o = push_slices_range<S, N, true>(c, half, src, len, slot, g0, w, G);
+  push_slices_range<S, N, false>(c, half, src, len, slot, o, sp, G);
 }
 
 // Slots 0..N-1 of this rank's staging half, packs [o, end): the fold of the contract -> dst (the

@@ -117,25 +117,21 @@ template <class F> DEV void load_carry(F& f, const char* carry, u64_t o) {
 // src + q * src_stride, `count` elements. With DETAR_FOLD_CARRY_OUT, dst receives the partials
 // (16-byte aligned staging); otherwise the finished elements (any alignment: user memory). The
 // sources are staging that NCCL filled in earlier kernels (visible by stream order), or this
-// rank's input (any alignment: then the element-wise path).
-template <class T, class Op> DEV void fold(const FoldArgs& a) {
+// rank's input (any alignment: then the byte path). Packs [o, end), each thread every G-th; WHOLE
+// as in collectives.hip's data loops (o < the launch's whole packs).
+template <class T, class Op, bool WHOLE>
+DEV u64_t fold_range(const FoldArgs& a, u64_t o, u64_t end, u64_t G) {
   typedef Folder<T, Op> F;
-  const int S = Traits<T>::S, K = F::K;
-  if (stopped(a)) return;
-  const u64_t P = (a.count + K - 1) / K;
-  const u64_t g0 = (u64_t)blockIdx.x * blockDim.x + threadIdx.x, G = (u64_t)gridDim.x * blockDim.x;
-  const bool al_src = aligned16(a.src) && (a.src_stride & 15u) == 0;
-  const bool al_dst = aligned16(a.dst);
+  const int S = Traits<T>::S;
   const bool carry_in = (a.flags & DETAR_FOLD_CARRY_IN) != 0u;
   const bool carry_out = (a.flags & DETAR_FOLD_CARRY_OUT) != 0u;
-  for (u64_t o = g0; o < P; o += G) {
-    const int valid = clamp_valid(a.count, o * K, K);
+  for (; o < end; o += G) {
     F f;
     u32_t q = 0;
     if (carry_in) {
       load_carry(f, a.carry, o);
     } else {
-      f.first(load_elems<S>(a.src, o * K, valid, al_src, a.count));
+      f.first(load_pack<S, WHOLE>(a.src, o, a.count));
       q = 1;
     }
     while (q < a.slots) {  // the slots in rank order, FOLD_BATCH loads at a time
@@ -143,32 +139,46 @@ template <class T, class Op> DEV void fold(const FoldArgs& a) {
       pack_t v[FOLD_BATCH];
 #pragma unroll
       for (u32_t i = 0; i < FOLD_BATCH; ++i)
-        if (i < n)
-          v[i] = load_elems<S>(a.src + (u64_t)(q + i) * a.src_stride, o * K, valid, al_src, a.count);
+        if (i < n) v[i] = load_pack<S, WHOLE>(a.src + (u64_t)(q + i) * a.src_stride, o, a.count);
 #pragma unroll
       for (u32_t i = 0; i < FOLD_BATCH; ++i)
         if (i < n) f.next(v[i]);
       q += n;
     }
     if (carry_out) f.carry_out(reinterpret_cast<pack_t*>(a.dst) + o * F::R);
-    else store_elems<S>(a.dst, o * K, valid, al_dst, f.result(a.divisor));
+    else store_pack<S, WHOLE>(a.dst, o, a.count, f.result(a.divisor));
   }
+  return o;
+}
+// The whole packs: all but a short last one when every source (and its stride) and the
+// destination are 16-byte aligned; a destination of partials is aligned staging.
+template <class T, class Op> DEV void fold(const FoldArgs& a) {
+  const int S = Traits<T>::S;
+  if (stopped(a)) return;
+  const u64_t g0 = (u64_t)blockIdx.x * blockDim.x + threadIdx.x, G = (u64_t)gridDim.x * blockDim.x;
+  const bool aligned = aligned16(a.src) && (a.src_stride & 15u) == 0 &&
+                       ((a.flags & DETAR_FOLD_CARRY_OUT) != 0u || aligned16(a.dst));
+  const u64_t w = aligned ? a.count / (16 / S) : 0;
+  const u64_t o = fold_range<T, Op, true>(a, g0, w, G);
+  fold_range<T, Op, false>(a, o, packs_of<S>(a.count), G);
 }
 
 // copy_slots: `slots` pieces of `count` elements of S bytes, piece q from src + q * src_stride
 // to dst + q * dst_stride (staging to user memory for all-gather and broadcast; any alignment).
+// One flat loop over every piece's packs; a pack below w is whole in source and destination.
 template <int S> DEV void copy_slots(const FoldArgs& a) {
-  const int K = 16 / S;
   if (stopped(a)) return;
-  const u64_t P = (a.count + K - 1) / K, total = P * a.slots;
+  const u64_t P = packs_of<S>(a.count), total = P * a.slots;
   const u64_t g0 = (u64_t)blockIdx.x * blockDim.x + threadIdx.x, G = (u64_t)gridDim.x * blockDim.x;
-  const bool al_src = aligned16(a.src) && (a.src_stride & 15u) == 0;
-  const bool al_dst = aligned16(a.dst) && (a.dst_stride & 15u) == 0;
+  const bool aligned = aligned16(a.src) && (a.src_stride & 15u) == 0 && aligned16(a.dst) &&
+                       (a.dst_stride & 15u) == 0;
+  const u64_t w = aligned ? a.count / (16 / S) : 0;
   for (u64_t i = g0; i < total; i += G) {
     const u64_t q = i / P, o = i % P;
-    const int valid = clamp_valid(a.count, o * K, K);
-    const pack_t v = load_elems<S>(a.src + q * a.src_stride, o * K, valid, al_src, a.count);
-    store_elems<S>(a.dst + q * a.dst_stride, o * K, valid, al_dst, v);
+    const char* src = a.src + q * a.src_stride;
+    char* dst = a.dst + q * a.dst_stride;
+    if (o < w) store_pack<S, true>(dst, o, a.count, load_pack<S, true>(src, o, a.count));
+    else store_pack<S, false>(dst, o, a.count, load_pack<S, false>(src, o, a.count));
   }
 }
 

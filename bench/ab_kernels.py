@@ -1,7 +1,7 @@
-"""Same-process A/B of two versions of the library's kernels: graph-replay time per all_reduce.
+"""A/B of two versions of the library's kernels: graph-replay time per all_reduce.
 
     python bench/ab_kernels.py OLD_PACKAGE_DIR [--world 1|2] [--aligned-only] [--repeats N]
-                               [--out FILE.json]
+                               [--alone ROUNDS] [--out FILE.json]
 
 OLD_PACKAGE_DIR holds an earlier version of the package renamed ``detar_old`` (``git archive
 <commit> detar_cupy`` with every ``detar_cupy`` replaced by ``detar_old``). Both versions build a
@@ -19,10 +19,16 @@ use 16-byte loads but for the first and last packs) at 1 MiB and 64 MiB (left ou
 The order in which the versions are built and timed biases a single run by about 0.7 % at 1 KiB
 on an H200 (an A/A run, the current package against an identical copy: 1.007 with the copy built
 first, 0.992 with the current package first), so every row is measured in both orders and reports
-their geometric mean (A/A: 1.000; ``--repeats`` sets the timed repeats per order). One version's
-presence in the process can also slow the other's kernels: the current kernels lose 0.08 us per
-1 KiB call next to a811349's, and nothing next to a copy of their own (bench/NOTES.md, v6 kernels);
-when a ratio looks large, time each version alone in its own process too.
+their geometric mean (A/A: 1.000; ``--repeats`` sets the timed repeats per order).
+
+Sharing a process has a cost of its own at 1 KiB: on an H200 the current kernels take 1.81 us
+per 1 KiB call next to a copy of themselves and 1.89-1.91 us when a third communicator (of any
+version, never called) was built first, and 64 KiB calls do not move (bench/NOTES.md, v6
+kernels), presumably through where its buffers land; the two versions allocate different
+buffers, so a 1 KiB ratio in one process can carry a few percent of that. ``--alone ROUNDS`` (world 1) times each version in a process of
+its own instead, ROUNDS processes per version, alternating (the first version flips every
+round); a row reports the geometric mean over rounds of each version's time, with the per-round
+ratios beside it.
 """
 from __future__ import annotations
 
@@ -99,12 +105,13 @@ def measure(comms: dict, sync, aligned_only: bool = False, repeats: int = REPEAT
 
 
 ORDERS = ("old_first", "new_first")
+ORDER_LABELS = ("old 1st", "new 1st")
 
 
 def _both_orders(make: dict, sync, aligned_only: bool, repeats: int) -> list[dict]:
     """measure() twice: communicators built (and timed) old first, then new first. The rows'
     times are the geometric means of the two orders, so the order's own bias (see above) enters
-    both versions alike; each row keeps its per-order times under "orders"."""
+    both versions alike; each row keeps its per-order times under "parts"."""
     by_order = {}
     for order in ORDERS:
         comms = {}
@@ -121,16 +128,24 @@ def _both_orders(make: dict, sync, aligned_only: bool, repeats: int) -> list[dic
         for version in ("old", "new"):
             times = [r[version] for r in per_order]
             row[version] = statistics.geometric_mean(times) if all(times) else None
-        row["orders"] = {o: {"old": r["old"], "new": r["new"]} for o, r in zip(ORDERS, per_order)}
+        row["parts"] = {label: {"old": r["old"], "new": r["new"]}
+                        for label, r in zip(ORDER_LABELS, per_order)}
         rows.append(row)
     return rows
 
 
-def _rank(comm, old_dir: str, aligned_only: bool, repeats: int):
+def _packages(old_dir: str) -> dict:
+    """{"old": the package in old_dir, "new": this one}."""
     sys.path.insert(0, old_dir)
     import detar_old
 
     import detar_cupy
+
+    return {"old": detar_old, "new": detar_cupy}
+
+
+def _rank(comm, old_dir: str, aligned_only: bool, repeats: int):
+    packages = _packages(old_dir)
     from gpu_reliability import free_ports  # the tests directory is on the path
 
     def group(package):
@@ -138,12 +153,41 @@ def _rank(comm, old_dir: str, aligned_only: bool, repeats: int):
         return package.init_process_group(comm.world_size, comm.rank, port=port,
                                           device=comm.device.id, timeout=60)
 
-    return _both_orders({"old": lambda: group(detar_old), "new": lambda: group(detar_cupy)},
+    return _both_orders({v: lambda p=p: group(p) for v, p in packages.items()},
                         lambda: comm.exchange(None), aligned_only, repeats)
 
 
 def _ratio(r: dict) -> float:
     return r["new"] / r["old"] if r.get("old") and r.get("new") else float("nan")
+
+
+def _alone(old_dir: str, aligned_only: bool, repeats: int, rounds: int) -> list[dict]:
+    """World 1, each version in a process of its own: ``rounds`` processes per version,
+    alternating. Rows as _both_orders's, the parts being the rounds."""
+    import subprocess
+    import tempfile
+
+    per_round = []
+    for i in range(rounds):
+        times = {}
+        for version in (("old", "new") if i % 2 == 0 else ("new", "old")):
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [sys.executable, os.path.abspath(__file__), old_dir, "--only", version,
+                       "--repeats", str(repeats), "--out", f.name]
+                subprocess.run(cmd + (["--aligned-only"] if aligned_only else []), check=True)
+                times[version] = json.load(open(f.name))["rows"]
+        per_round.append(times)
+    rows = []
+    for k, first in enumerate(per_round[0]["old"]):
+        row = {key: v for key, v in first.items() if key not in ("old", "new")}
+        parts = {f"round {i + 1}": {v: t[v][k][v] for v in ("old", "new")}
+                 for i, t in enumerate(per_round)}
+        for version in ("old", "new"):
+            ts = [p[version] for p in parts.values()]
+            row[version] = statistics.geometric_mean(ts) if all(ts) else None
+        row["parts"] = parts
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -154,37 +198,49 @@ def main() -> None:
                         help="leave out the rows of buffers that start one element in")
     parser.add_argument("--repeats", type=int, default=REPEATS,
                         help="timed repeats per row and version (the minimum is kept)")
+    parser.add_argument("--alone", type=int, default=0, metavar="ROUNDS",
+                        help="world 1: time each version in a process of its own, ROUNDS each")
+    parser.add_argument("--only", choices=("old", "new"), help=argparse.SUPPRESS)  # --alone's
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if (args.alone or args.only) and args.world != 1:
+        parser.error("--alone times world size 1 only")
     started = time.time()
-    if args.world == 1:
-        sys.path.insert(0, args.old_dir)
-        import detar_old
-
-        import detar_cupy
-
-        rows = _both_orders({"old": lambda: _world_one(detar_old),
-                             "new": lambda: _world_one(detar_cupy)}, lambda: None,
-                            args.aligned_only, args.repeats)
+    if args.only:
+        package = _packages(os.path.abspath(args.old_dir))[args.only]
+        comm = _world_one(package)
+        try:
+            rows = measure({args.only: comm}, lambda: None, args.aligned_only, args.repeats)
+        finally:
+            comm.close()
+        with open(args.out, "w") as f:
+            json.dump({"world": 1, "rows": rows}, f)
+        return
+    if args.alone:
+        rows = _alone(os.path.abspath(args.old_dir), args.aligned_only, args.repeats, args.alone)
+    elif args.world == 1:
+        packages = _packages(os.path.abspath(args.old_dir))
+        rows = _both_orders({v: lambda p=p: _world_one(p) for v, p in packages.items()},
+                            lambda: None, args.aligned_only, args.repeats)
     else:
         import detar_cupy
 
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         rows = detar_cupy.spawn(_rank, args.world, args=(os.path.abspath(args.old_dir),
                                                            args.aligned_only, args.repeats))[0]
+    labels = list(rows[0]["parts"])
     print(f"{'dtype':8} {'op':5} {'algorithm':9} {'bytes':>9} {'off':>3} {'old us':>8} "
-          f"{'new us':>8} {'new/old':>7} {'old 1st':>7} {'new 1st':>7}")
+          f"{'new us':>8} {'new/old':>7} " + " ".join(f"{label:>7}" for label in labels))
     for r in rows:
         print(f"{r['dtype']:8} {r['op']:5} {r['algorithm']:9} {r['bytes']:9d} "
               f"{r['offset_elements']:3d} {r['old'] or float('nan'):8.2f} "
               f"{r['new'] or float('nan'):8.2f} {_ratio(r):7.3f} "
-              f"{_ratio(r['orders']['old_first']):7.3f} {_ratio(r['orders']['new_first']):7.3f}")
+              + " ".join(f"{_ratio(r['parts'][label]):7.3f}" for label in labels))
     aligned = [r for r in rows if r["old"] and r["new"] and not r["offset_elements"]]
     print("geometric mean new/old over aligned rows: "
           + ", ".join(f"{name} {statistics.geometric_mean([_ratio(pick(r)) for r in aligned]):.3f}"
-                      for name, pick in (("both orders", lambda r: r),
-                                         ("old built first", lambda r: r["orders"]["old_first"]),
-                                         ("new built first", lambda r: r["orders"]["new_first"])))
+                      for name, pick in [("all", lambda r: r)]
+                      + [(label, lambda r, label=label: r["parts"][label]) for label in labels])
           + f" ({time.time() - started:.0f} s)")
     if args.out:
         with open(args.out, "w") as f:

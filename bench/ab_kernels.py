@@ -23,12 +23,12 @@ their geometric mean (A/A: 1.000; ``--repeats`` sets the timed repeats per order
 
 Sharing a process has a cost of its own at 1 KiB: on an H200 the current kernels take 1.81 us
 per 1 KiB call next to a copy of themselves and 1.89-1.91 us when a third communicator (of any
-version, never called) was built first, and 64 KiB calls do not move (bench/NOTES.md, v6
-kernels), presumably through where its buffers land; the two versions allocate different
-buffers, so a 1 KiB ratio in one process can carry a few percent of that. ``--alone ROUNDS`` (world 1) times each version in a process of
-its own instead, ROUNDS processes per version, alternating (the first version flips every
-round); a row reports the geometric mean over rounds of each version's time, with the per-round
-ratios beside it.
+version, never called) was built first, while 64 KiB calls do not move (bench/NOTES.md, v6
+kernels), presumably through where the buffers land. The two versions allocate different
+buffers, so a 1 KiB ratio in one process can carry a few percent of that. ``--alone ROUNDS``
+(world 1) times each version in a process of its own instead, ROUNDS processes per version,
+alternating (the first version flips every round); a row reports the geometric mean over rounds
+of each version's time, with the per-round ratios beside it.
 """
 from __future__ import annotations
 
@@ -175,7 +175,8 @@ def _alone(old_dir: str, aligned_only: bool, repeats: int, rounds: int) -> list[
                 cmd = [sys.executable, os.path.abspath(__file__), old_dir, "--only", version,
                        "--repeats", str(repeats), "--out", f.name]
                 subprocess.run(cmd + (["--aligned-only"] if aligned_only else []), check=True)
-                times[version] = json.load(open(f.name))["rows"]
+                with open(f.name) as g:
+                    times[version] = json.load(g)["rows"]
         per_round.append(times)
     rows = []
     for k, first in enumerate(per_round[0]["old"]):

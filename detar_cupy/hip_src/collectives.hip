@@ -43,9 +43,9 @@ struct Ctx {
 // A launch as its peers see it. `sig` (kind, dtype, op and a hash of the whole call and of this
 // launch's place in it: _protocol.call_signature) travels in every header line and is compared
 // exactly; total, aux and chunk travel in full in the descriptor lines, read only to explain a
-// mismatch. `count` is this launch's own element count (one chunk of `total`).
+// mismatch.
 struct Call {
-  u64_t epoch, sig, count, aux, total, chunk;
+  u64_t epoch, sig, aux, total, chunk;
 };
 
 // ---- epochs ------------------------------------------------------------------------------------
@@ -510,8 +510,7 @@ DEV void collective(const Ctx& c, const char* in, char* out, u64_t count, u64_t 
                     u64_t total, u64_t chunk) {
   const int S = Traits<T>::S, K = 16 / S;
   Call k;
-  k.epoch = call_epoch(c); k.sig = sig; k.count = count; k.aux = aux; k.total = total;
-  k.chunk = chunk;
+  k.epoch = call_epoch(c); k.sig = sig; k.aux = aux; k.total = total; k.chunk = chunk;
   if (already_failed(c)) { finish_call(c, k.epoch); return; }
   const u64_t half = (k.epoch & 1u) * c.stage_half_packs;
   const int rank = c.rank;
@@ -614,8 +613,7 @@ DEV void ll_all_reduce(const Ctx& c, const char* in, char* out, u64_t count, u64
                        u64_t total, u64_t chunk) {
   const int S = Traits<T>::S;
   Call k;
-  k.epoch = call_epoch(c); k.sig = sig; k.count = count; k.aux = 0; k.total = total;
-  k.chunk = chunk;
+  k.epoch = call_epoch(c); k.sig = sig; k.aux = 0; k.total = total; k.chunk = chunk;
   if (already_failed(c)) { finish_call(c, k.epoch); return; }
   const u64_t par = (k.epoch & 1u) * N;
   const u32_t f = line_flag(k.epoch);

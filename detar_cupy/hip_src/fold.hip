@@ -239,8 +239,7 @@ template <class T, class Op, int G> DEV void node_carry(const Ctx& c, const Fold
   Call k;
   // The call was checked by the header exchange before any node step; this launch's signature
   // and counts still travel in the node's headers and descriptors, as every IPC launch's do.
-  k.epoch = call_epoch(c); k.sig = a.sig; k.count = a.count; k.aux = a.aux; k.total = a.count;
-  k.chunk = 0;
+  k.epoch = call_epoch(c); k.sig = a.sig; k.aux = a.aux; k.total = a.count; k.chunk = 0;
   const bool failed = already_failed(c);  // block-uniform, like stopped()
   if (failed || stopped(a)) { finish_call(c, k.epoch); return; }
   const u64_t half = (k.epoch & 1u) * c.stage_half_packs;

@@ -36,7 +36,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 CALLS = 50
@@ -164,9 +166,6 @@ def _ratio(r: dict) -> float:
 def _alone(old_dir: str, aligned_only: bool, repeats: int, rounds: int) -> list[dict]:
     """World 1, each version in a process of its own: ``rounds`` processes per version,
     alternating. Rows as _both_orders's, the parts being the rounds."""
-    import subprocess
-    import tempfile
-
     per_round = []
     for i in range(rounds):
         times = {}
